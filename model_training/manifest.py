@@ -36,7 +36,7 @@ import dataclasses
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,6 +68,8 @@ class Row:
     spacing: Point | None = None
     split: str = ""
     source: str = "manual"
+    #: line in the manifest file this row was read from (0 = not from a file); not part of equality
+    line: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # canonicalise (raises InputError with the bad value)
@@ -106,6 +108,10 @@ class Row:
     @property
     def is_pathological(self) -> bool:
         return self.condition != "none"
+
+    def where(self) -> str:
+        """'line 7 (study 'p12')' or 'study 'p12' L4-L5' for error messages."""
+        return f"line {self.line} (study {self.study_id!r})" if self.line else f"study {self.study_id!r} {self.level}"
 
     def replace(self, **changes) -> "Row":
         return dataclasses.replace(self, **changes)
@@ -276,7 +282,7 @@ def read_manifest(path: str | os.PathLike, *, default_source: str | None = None,
             if None in rec:
                 raise InputError(f"{name} line {line}: {len(header) + len(rec[None])} fields, header has {len(header)}"
                                  " (unquoted comma in a point? write points as \"x,y,z\" in quotes)")
-            row = _parse_row(rec, f"{name} line {line}", base_dir, default_source)
+            row = _parse_row(rec, f"{name} line {line}", base_dir, default_source).replace(line=line)
             key = (row.study_id, row.image_path, row.level)
             if key in seen:
                 raise InputError(f"{name} line {line} (study {row.study_id!r}), column 'level': duplicate "
