@@ -123,3 +123,140 @@ def test_spider_rejects_non_spider_folder(tmp_path):
     (tmp_path / "radiological_gradings.csv").write_text("Patient,IVD label,Disc herniation\n")
     with pytest.raises(InputError, match="not a SPIDER folder"):
         import_spider(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------- RSNA
+ROW_SP, COL_SP, STEP = 0.8, 0.7, 4.0  # non-square pixels: PixelSpacing = [row spacing, column spacing]
+R_DIR, C_DIR = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])  # +column -> posterior, +row -> inferior
+NROWS, NCOLS = 40, 32
+
+
+def _write_dcm(path: Path, ipp, iop, pixels: np.ndarray, instance: int, series_uid: str):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [float(v) for v in ipp]
+    ds.ImageOrientationPatient = [float(v) for v in iop]
+    ds.PixelSpacing = [ROW_SP, COL_SP]
+    ds.SliceThickness = STEP
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def _slice_pixels(slot: int) -> np.ndarray:
+    """Unique value per (slice position slot, row, column)."""
+    rr, cc = np.meshgrid(np.arange(NROWS), np.arange(NCOLS), indexing="ij")
+    return slot * NROWS * NCOLS + rr * NCOLS + cc
+
+
+def _write_rsna(root: Path) -> dict:
+    """Study 100 with a sagittal T2 series (6 slices, instance numbers NOT in position order, plus a 2-slice
+    axial localizer stack in the same series), a T1 series; study 200 without a sagittal T2 series."""
+    n = np.cross(R_DIR, C_DIR)  # slice normal (-1, 0, 0)
+    base = np.array([20.0, -40.0, 60.0])
+    sdir = root / "train_images" / "100" / "555"
+    slot_of_instance = {}
+    for slot in range(6):
+        inst = 6 - slot if slot % 2 else 10 + slot  # scrambled instance numbers
+        slot_of_instance[inst] = slot
+        _write_dcm(sdir / f"{inst}.dcm", base + slot * STEP * n, np.concatenate([R_DIR, C_DIR]),
+                   _slice_pixels(slot), inst, "1.2.3.555")
+    for j, inst in enumerate((40, 41)):  # axial localizer in the same series: another IOP, other size
+        _write_dcm(sdir / f"{inst}.dcm", (0.0, 0.0, 10.0 * j), (1, 0, 0, 0, 1, 0), np.zeros((16, 16)), inst, "1.2.3.555")
+    (root / "train_series_descriptions.csv").write_text(
+        "study_id,series_id,series_description\n100,555,Sagittal T2/STIR\n100,556,Sagittal T1\n"
+        "200,700,Axial T2\n")
+    levels = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
+    head = ["study_id"] + [f"{c}_{lv}" for c in ("spinal_canal_stenosis", "left_neural_foraminal_narrowing")
+                           for lv in levels]
+    canal = ["", "Normal/Mild", "Moderate", "Severe", "Normal/Mild"]
+    with open(root / "train.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(head)
+        w.writerow(["100"] + canal + ["Severe"] * 5)
+        w.writerow(["200"] + ["Severe"] * 10)
+    # canal points: (instance, x, y) per level; L4/L5 sits on instance 3 (slot 3), L3/L4 on instance 12 (slot 2)
+    pts = {"L1/L2": (10, 5.0, 3.0), "L2/L3": (12, 10.0, 12.0), "L3/L4": (12, 12.5, 20.0),
+           "L4/L5": (3, 10.0, 26.0), "L5/S1": (5, 8.0, 33.0)}
+    with open(root / "train_label_coordinates.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
+        for lv, (inst, x, y) in pts.items():
+            w.writerow([100, 555, inst, "Spinal Canal Stenosis", lv, x, y])
+            w.writerow([100, 556, 1, "Left Neural Foraminal Narrowing", lv, 1.0, 2.0])
+        w.writerow([200, 700, 1, "Spinal Canal Stenosis", "L4/L5", 1.0, 1.0])
+    expected = {}
+    for lv, (inst, x, y) in pts.items():
+        slot = slot_of_instance[inst]
+        ipp = base + slot * STEP * n
+        expected[lv.replace("/", "-")] = (ipp + x * COL_SP * R_DIR + y * ROW_SP * C_DIR,
+                                          int(_slice_pixels(slot)[int(y), int(x)]) if float(x).is_integer() and
+                                          float(y).is_integer() else None)
+    return expected
+
+
+def test_rsna_importer_volume_geometry_landmarks_and_grades(tmp_path):
+    pytest.importorskip("pydicom")
+    from spine_ldm.geometry import DISC_OFFSET_MM
+    from model_training.importers.rsna import import_rsna
+
+    expected = _write_rsna(tmp_path / "rsna")
+    skipped = SkipLog()
+    rows = import_rsna(tmp_path / "rsna", tmp_path / "cache", skipped=skipped)
+    by = {r.level: r for r in rows}
+    assert set(by) == {"L2-L3", "L3-L4", "L4-L5", "L5-S1"}  # L1-L2 has no grade
+    assert [by[lv].condition for lv in ("L2-L3", "L3-L4", "L4-L5", "L5-S1")] == \
+        ["none", "ccs_moderate", "ccs_severe", "none"]
+    assert all(r.study_id == "rsna-100" and r.source == "rsna" for r in rows)
+    assert any("study 200" in m and "Sagittal T2/STIR" in m for m in skipped.messages)
+    assert any("L1-L2" in m and "grade" in m for m in skipped.messages)
+
+    img = sitk.ReadImage(by["L4-L5"].image_path)
+    assert img.GetSize() == (NCOLS, NROWS, 6)  # the localizer stack was left out
+    np.testing.assert_allclose(img.GetSpacing(), (COL_SP, ROW_SP, STEP))
+    assert by["L4-L5"].spacing == pytest.approx((COL_SP, ROW_SP, STEP))
+    for lv, r in by.items():
+        p, value = expected[lv]
+        np.testing.assert_allclose(r.landmark_lps, p, atol=1e-4)
+        if value is not None:  # the voxel at the landmark holds the pixel the annotator clicked on
+            idx = img.TransformPhysicalPointToIndex(tuple(p))
+            assert int(img[idx]) == value, lv
+        # disc centre: 28 mm anterior (LPS -y) of the canal point
+        np.testing.assert_allclose(np.subtract(r.disc_center_lps, r.landmark_lps), (0, -DISC_OFFSET_MM["ccs"], 0),
+                                   atol=1e-6)
+
+    # second run reuses the NRRD (no rewrite) and gives the same rows; a custom offset moves the centre
+    mtime = os.stat(by["L4-L5"].image_path).st_mtime_ns
+    rows2 = import_rsna(tmp_path / "rsna", tmp_path / "cache", disc_offset_mm=20.0)
+    assert os.stat(by["L4-L5"].image_path).st_mtime_ns == mtime
+    r2 = {r.level: r for r in rows2}["L4-L5"]
+    assert r2.landmark_lps == by["L4-L5"].landmark_lps
+    assert r2.disc_center_lps[1] == pytest.approx(by["L4-L5"].landmark_lps[1] - 20.0)
+
+
+def test_rsna_irregular_series_is_skipped_with_reason(tmp_path):
+    pytest.importorskip("pydicom")
+    from model_training.importers.rsna import import_rsna
+
+    _write_rsna(tmp_path / "rsna")
+    os.remove(tmp_path / "rsna" / "train_images" / "100" / "555" / "12.dcm")  # slot 2: a gap in the stack
+    skipped = SkipLog()
+    assert import_rsna(tmp_path / "rsna", tmp_path / "cache", skipped=skipped) == []
+    assert any("irregular slice spacing" in m for m in skipped.messages)
