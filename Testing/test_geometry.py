@@ -328,3 +328,25 @@ def test_real_ivd11_disc_at_fsu_centre(shared_data):
     # the neighbouring discs are ~33 mm above / below (outside the 2 cm core, inside the FSU)
     assert 3 in labels[:40] and 5 in labels[88:]
     assert 3 not in labels[:, :, 14:18][48:80] and 5 not in labels[:, :, 14:18][48:80]
+
+
+def test_paste_back_edge_taper_removes_seam(make_volume, voxel_centres):
+    img = _vol(make_volume, "identity")
+    fsu = g.extract_fsu(img, CENTER, SPEC)
+    mod = sitk.GetImageFromArray(sitk.GetArrayFromImage(fsu) + np.float32(100))
+    mod.CopyInformation(fsu)
+    a_in = sitk.GetArrayFromImage(img).astype(np.float64)
+    plain = sitk.GetArrayFromImage(g.paste_back(img, mod, CENTER, 16.0)) - a_in
+    taper = sitk.GetArrayFromImage(g.paste_back(img, mod, CENTER, 16.0, edge_taper_mm=5.0)) - a_in
+    fidx = _frame_index(fsu, voxel_centres(img))
+    size, sp = np.asarray(fsu.GetSize()), np.asarray(fsu.GetSpacing())
+    face = np.min(np.minimum(fidx + 0.5, size - 0.5 - fidx) * sp, axis=-1)  # mm to the nearest FSU face
+    near = (face > 0) & (face < 1.0)
+    deep = face > 5.0
+    assert near.sum() > 100
+    assert np.abs(plain[near]).max() > 20.0  # the plain blend has a seam (W ~ 0.29 at the LR faces)
+    assert np.abs(taper[near]).max() < 10.0
+    np.testing.assert_array_equal(taper[deep], plain[deep])
+    np.testing.assert_array_equal(taper[face <= 0], 0.0)
+    with pytest.raises(InputError, match="edge_taper_mm"):
+        g.paste_back(img, mod, CENTER, 16.0, edge_taper_mm=-1.0)

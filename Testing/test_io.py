@@ -167,6 +167,8 @@ def test_dicom_series_folder(tmp_path, make_volume):
     assert back.GetSpacing() == pytest.approx((0.8, 0.8, 3.0), abs=1e-4)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(vol))
     assert back.GetMetaData("0008|0060").strip() == "MR"
+    with pytest.raises(InputError, match=r"effectively 2D .*single DICOM file is one slice: pass the folder"):
+        read_volume(tmp_path / "002.dcm")
 
 
 def test_write_errors(tmp_path, make_volume):

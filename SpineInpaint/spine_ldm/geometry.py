@@ -279,6 +279,8 @@ def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_l
     volume, stating the fraction and how far (mm) the centre is outside / from the edge.
     """
     _require_3d(image)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is required")
     spec = spec or FSUSpec()
     c = _as_point(center_lps, "FSU centre")
     ref = fsu_frame(image, c, spec, up_lps)
@@ -290,10 +292,7 @@ def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_l
         raise InputError(
             f"only {frac * 100:.0f}% of the FSU ({spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm) "
             f"lies inside the volume (need {min_inside * 100:.0f}%): {where}")
-    src = image
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is required")
-    return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
 # ----------------------------------------------------------------------------- paste back
@@ -313,8 +312,20 @@ def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+def _face_distance_mm(fsu: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Distance (mm, numpy order of ``grid``) of each voxel centre of ``grid`` to the nearest face of the
+    FSU box (voxel extent of ``fsu``), measured along the FSU axes; negative outside."""
+    size = fsu.GetSize()
+    sp = fsu.GetSpacing()
+    out = None
+    for c, comp in enumerate(_voxel_centre_indices_in(fsu, grid)):
+        d = np.minimum(comp + 0.5, size[c] - 0.5 - comp) * sp[c]
+        out = d if out is None else np.minimum(out, d)
+    return out
+
+
 def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, sigma_mm: float,
-               threshold: float = 1e-3) -> sitk.Image:
+               threshold: float = 1e-3, edge_taper_mm: float = 0.0) -> sitk.Image:
     """Blend an inpainted FSU back into the original volume.
 
     ``out = W * inpainted + (1 - W) * original`` on the original grid, with ``W`` the
@@ -324,6 +335,11 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     bit-identical to the input. Integer outputs are rounded and clipped to the dtype range.
     Origin, spacing, direction and metadata are preserved; ``original`` is never modified.
     Only the bounding box of the blended region is resampled (fast on large volumes).
+
+    ``edge_taper_mm > 0`` (optional, default 0 = the plain contract above) additionally multiplies W
+    by a smoothstep ramp from 0 at the FSU faces to 1 at ``edge_taper_mm`` inside them, which
+    removes the seam where W is still large at a face (with sigma 16 mm, W = 0.29 at the LR faces
+    25 mm from a central landmark). Voxels with a tapered weight below ``threshold`` stay untouched.
     """
     _require_3d(original, "original volume")
     _require_3d(inpainted_fsu, "inpainted FSU")
@@ -331,6 +347,8 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
         raise InputError("original volume must be scalar (1 component per voxel)")
     lm = _as_point(landmark_lps, "landmark")
     radius = weight_radius_mm(sigma_mm, threshold)
+    if not (math.isfinite(float(edge_taper_mm)) and float(edge_taper_mm) >= 0):
+        raise InputError(f"edge_taper_mm must be >= 0, got {edge_taper_mm!r}")
 
     src = sitk.GetArrayViewFromImage(original)
     out_arr = np.array(src, copy=True)
@@ -357,6 +375,9 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
         inp = sitk.GetArrayFromImage(
             sitk.Resample(inpainted_fsu, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
         w = gaussian_weight(ref, lm, sigma_mm).astype(np.float64)
+        if edge_taper_mm and edge_taper_mm > 0:
+            u = np.clip(_face_distance_mm(inpainted_fsu, ref) / float(edge_taper_mm), 0.0, 1.0)
+            w = w * (u * u * (3.0 - 2.0 * u))
         mask = (w >= threshold) & _inside_mask(inpainted_fsu, ref)
         sl = (slice(start[2], stop[2]), slice(start[1], stop[1]), slice(start[0], stop[0]))
         block = out_arr[sl]

@@ -191,7 +191,12 @@ def read_volume(path, modality_check: bool = True) -> sitk.Image:
     except (RuntimeError, OSError) as exc:
         raise InputError(f"cannot read '{p}': {_short(str(exc))}") from None
     meta = image_metadata(image)
-    image = validate_volume(image, source=f"'{p.name}'")
+    try:
+        image = validate_volume(image, source=f"'{p.name}'")
+    except InputError as exc:
+        if "2D" in str(exc) and p.is_file() and (p.suffix.lower() in (".dcm", ".ima") or "0008|0060" in meta):
+            raise InputError(f"{exc} (a single DICOM file is one slice: pass the folder of the series)") from None
+        raise
     if modality_check:
         check_modality(meta, source=f"'{p.name}'")
     if not image.GetMetaDataKeys() and meta:  # squeezed: carry the header over
