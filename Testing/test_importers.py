@@ -260,3 +260,148 @@ def test_rsna_irregular_series_is_skipped_with_reason(tmp_path):
     skipped = SkipLog()
     assert import_rsna(tmp_path / "rsna", tmp_path / "cache", skipped=skipped) == []
     assert any("irregular slice spacing" in m for m in skipped.messages)
+
+
+# --------------------------------------------------------------------------------------------------------- manual
+def _small_volume(path: Path, origin=(0.0, 0.0, 0.0), size=(20, 30, 40), spacing=(2.0, 1.0, 1.0)) -> sitk.Image:
+    img = sitk.Image(list(size), sitk.sitkInt16)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def test_manual_manifest_is_validated_and_completed(tmp_path):
+    from model_training.importers.generic import import_manifest
+
+    _small_volume(tmp_path / "scans" / "a.nrrd")
+    m = tmp_path / "my.csv"
+    m.write_text('study_id,image_path,level,disc_center_lps,condition,landmark_lps\n'
+                 'p1,scans/a.nrrd,L4/L5,"10,15,20",DH-small,"10 ,20, 20"\n'
+                 '\n'
+                 'p1,scans/a.nrrd,l5-s1,"10, 15, 30",healthy,\n')
+    rows = import_manifest(m)
+    assert [r.level for r in rows] == ["L4-L5", "L5-S1"]
+    assert [r.condition for r in rows] == ["dh_small", "none"]
+    assert rows[0].landmark_lps == (10.0, 20.0, 20.0) and rows[1].landmark_lps is None
+    assert rows[0].image_path == str((tmp_path / "scans" / "a.nrrd").resolve())
+    assert rows[0].spacing == (2.0, 1.0, 1.0) and rows[0].source == "manual" and rows[0].split == ""
+    assert rows[1].line == 4  # blank line skipped, line numbers kept for messages
+
+
+@pytest.mark.parametrize("line, column, fragment", [
+    ('p2,scans/a.nrrd,L6-L7,"10,15,20",none,', "level", "unknown level 'L6-L7'"),
+    ('p2,scans/a.nrrd,L4-L5,"10,15",none,', "disc_center_lps", "3 numbers"),
+    ('p2,scans/a.nrrd,L4-L5,"10,15,20",stenosis,', "condition", "unknown condition 'stenosis'"),
+    ('p2,scans/a.nrrd,L4-L5,"10,15,20",none,"1,2,x"', "landmark_lps", "3 numbers"),
+    (',scans/a.nrrd,L4-L5,"10,15,20",none,', "study_id", "empty"),
+    ('p2,scans/a.nrrd,L4-L5,"10,15,20",none,"-10,-15,20"', "landmark_lps", "mm outside 'a.nrrd'"),
+    ('p2,scans/missing.nrrd,L4-L5,"10,15,20",none,', "image_path", "does not exist"),
+])
+def test_manual_manifest_bad_row_names_line_and_column(tmp_path, line, column, fragment):
+    from model_training.importers.generic import import_manifest
+
+    _small_volume(tmp_path / "scans" / "a.nrrd")
+    m = tmp_path / "bad.csv"
+    m.write_text('study_id,image_path,level,disc_center_lps,condition,landmark_lps\n'
+                 'p1,scans/a.nrrd,L4-L5,"10,15,20",none,\n' + line + "\n")
+    with pytest.raises(InputError) as ei:
+        import_manifest(m)
+    msg = str(ei.value)
+    assert msg.startswith("bad.csv line 3"), msg
+    assert f"column {column!r}" in msg and fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_manifest_structural_errors(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("study_id,image_path,level,disc_center,condition,source\n")
+    with pytest.raises(InputError, match="missing column\\(s\\) disc_center_lps"):
+        read_manifest(m)
+    m.write_text("study_id,image_path,level,disc_center_lps,condition,source,notes\n")
+    with pytest.raises(InputError, match="unknown column\\(s\\) notes"):
+        read_manifest(m)
+    m.write_text("study_id,image_path,level,disc_center_lps,condition,source\n"
+                 "p1,a.nrrd,L4-L5,1,2,3,none,manual\n")
+    with pytest.raises(InputError, match="line 2: 8 fields, header has 6.*quotes"):
+        read_manifest(m)
+    m.write_text('study_id,image_path,level,disc_center_lps,condition,split,source\n'
+                 'p1,a.nrrd,L4-L5,"1,2,3",none,train,manual\np1,a.nrrd,L5-S1,"1,2,3",none,test,manual\n')
+    with pytest.raises(InputError, match="line 3 .*'split'.*split is per study"):
+        read_manifest(m)
+    m.write_text('study_id,image_path,level,disc_center_lps,condition,source\n'
+                 'p1,a.nrrd,L4-L5,"1,2,3",none,manual\np1,a.nrrd,L4/L5,"1,2,4",none,manual\n')
+    with pytest.raises(InputError, match="line 3 .*duplicate L4-L5.*first at line 2"):
+        read_manifest(m)
+    with pytest.raises(InputError, match="does not exist"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def _rows(n_studies=20, levels=("L3-L4", "L4-L5", "L5-S1")):
+    rows = []
+    for s in range(n_studies):
+        for lv in levels:
+            cond = "dh_small" if (s % 4 == 0 and lv == "L4-L5") else ("ccs_severe" if s % 5 == 1 and lv == "L3-L4"
+                                                                     else "none")
+            rows.append(Row(study_id=f"s{s:02d}", image_path=f"/data/s{s}.nrrd", level=lv,
+                            disc_center_lps=(0.5 * s, -1.25, 3.0), condition=cond,
+                            landmark_lps=(1.0, 2.0, 3.0) if cond != "none" else None, spacing=(0.6, 0.6, 4.3),
+                            source="manual"))
+    return rows
+
+
+def test_write_read_roundtrip_and_relative_paths(tmp_path):
+    rows = assign_splits(_rows(5), seed=3)
+    p = write_manifest(tmp_path / "out" / "m.csv", rows)
+    header = p.read_text().splitlines()[0]
+    assert header == ",".join(COLUMNS)
+    assert read_manifest(p) == rows
+    img = _small_volume(tmp_path / "out" / "imgs" / "x.nrrd")
+    del img
+    r = [rows[0].replace(image_path=str(tmp_path / "out" / "imgs" / "x.nrrd"))]
+    p2 = write_manifest(tmp_path / "out" / "rel.csv", r, relative_paths=True)
+    assert "imgs/x.nrrd" in p2.read_text() and str(tmp_path) not in p2.read_text()
+    assert read_manifest(p2)[0].image_path == str((tmp_path / "out" / "imgs" / "x.nrrd").resolve())
+
+
+def test_assign_splits_is_per_study_reproducible_and_order_independent():
+    rows = _rows(40)
+    a = assign_splits(rows, (0.8, 0.1, 0.1), seed=7)
+    b = assign_splits(list(reversed(rows)), (0.8, 0.1, 0.1), seed=7)
+    c = assign_splits(rows, (0.8, 0.1, 0.1), seed=8)
+    split_of = {}
+    for r in a:  # every FSU of a study is in the same split
+        assert split_of.setdefault(r.study_id, r.split) == r.split
+    assert {r.study_id: r.split for r in b} == split_of  # same seed, any row order -> same split
+    assert {r.study_id: r.split for r in c} != split_of  # another seed -> another split
+    counts = Counter(split_of.values())
+    assert counts == {"train": 32, "val": 4, "test": 4}
+    # stratified: pathological studies (s % 4 == 0 or s % 5 == 1: 18 of 40) are spread over the splits
+    patho = {s for s in split_of if int(s[1:]) % 4 == 0 or int(s[1:]) % 5 == 1}
+    assert Counter(split_of[s] for s in patho)["train"] == round(0.8 * len(patho))
+    assert all(counts[k] > 0 for k in ("val", "test"))
+    # keep existing assignments when asked
+    fixed = [r.replace(split="test") if r.study_id == "s00" else r.replace(split="") for r in a]
+    d = assign_splits(fixed, seed=1, overwrite=False)
+    assert {r.split for r in d if r.study_id == "s00"} == {"test"}
+    with pytest.raises(InputError, match="fractions"):
+        assign_splits(rows, (0.8, 0.2))
+
+
+def test_support_table_counts():
+    rows = assign_splits(_rows(20), seed=0)
+    t = support_table(rows)
+    assert t["L4-L5"]["dh_small"] == 5 and t["L4-L5"]["none"] == 15
+    assert t["L3-L4"]["ccs_severe"] == 4 and t["L3-L4"]["none"] == 16
+    assert t["L1-L2"] == {"none": 0, "dh_small": 0, "dh_moderate_large": 0, "ccs_moderate": 0, "ccs_severe": 0}
+    assert sum(sum(v.values()) for v in t.values()) == len(rows)
+    tr = support_table(rows, split="train")
+    assert sum(sum(v.values()) for v in tr.values()) == sum(r.split == "train" for r in rows)
+    assert support_table(rows, require_landmark=True)["L4-L5"]["none"] == 0
+    text = format_support_table(t, title="support")
+    lines = text.splitlines()
+    assert lines[0] == "support" and "DH-small" in lines[1] and "CCS-severe" in lines[1]
+    l45 = next(ln for ln in lines if ln.startswith("L4-L5")).split()
+    assert l45 == ["L4-L5", "15", "5", "0", "0", "0", "20"]
+    assert lines[-1].split() == ["total", "51", "5", "0", "0", "4", "60"]
