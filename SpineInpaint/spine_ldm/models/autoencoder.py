@@ -123,6 +123,28 @@ class VQAutoencoder(nn.Module):
         return {"used": used, "num_embeddings": n, "fraction": used / n, "perplexity": perplexity}
 
     @torch.no_grad()
+    def init_codebook(self, x_or_h: torch.Tensor, is_latent: bool = False,
+                      generator: torch.Generator | None = None) -> None:
+        """Data-dependent codebook init: codes := random encoder output vectors (+ small jitter).
+
+        Also sets the EMA state consistently (``ema_w`` = codes, ``ema_cluster_size`` = 1). With MONAI's default state
+        (cluster size 0) every code unused in the first EMA update is divided by ~epsilon and becomes unreachable, which
+        is the usual cause of codebook collapse; call this once before autoencoder training (and optionally to
+        restart dead codes). ``x_or_h``: image batch (default) or unscaled encoder outputs (``is_latent=True``).
+        """
+        q = self.quantizer.quantizer
+        h = x_or_h if is_latent else self.encoder(x_or_h)
+        flat = h.permute(0, *range(2, h.ndim), 1).reshape(-1, h.shape[1]).float()
+        n = q.num_embeddings
+        idx = torch.randint(0, flat.shape[0], (n,), generator=generator, device=generator.device if generator else None)
+        codes = flat[idx.to(flat.device)]
+        jitter = torch.randn(codes.shape, generator=generator, device=generator.device if generator else None)
+        codes = codes + 1e-3 * (flat.std() + 1e-8) * jitter.to(codes.device)
+        q.embedding.weight.data.copy_(codes)
+        q.ema_w.data.copy_(codes)
+        q.ema_cluster_size.data.fill_(1.0)
+
+    @torch.no_grad()
     def fit_latent_scale(self, x: torch.Tensor | list[torch.Tensor]) -> float:
         """Set ``latent_scale = 1 / std(encoder(x))`` over the given image batch(es); returns the new value."""
         xs = x if isinstance(x, (list, tuple)) else [x]
