@@ -50,7 +50,13 @@ def test_unreadable_file(tmp_path):
     with pytest.raises(InputError) as e:
         read_volume(p)
     msg = str(e.value)
-    assert msg.startswith(f"cannot read '{p}': ") and "\n" not in msg
+    assert msg == f"cannot read '{p}': not a recognised image format (expected NRRD, NIfTI, MHA, a DICOM folder, ...)"
+    bad = tmp_path / "header_only.nrrd"
+    bad.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n")
+    with pytest.raises(InputError) as e:
+        read_volume(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read '{bad}': ") and "endian" in msg and "\n" not in msg
 
 
 def test_empty_folder(tmp_path):

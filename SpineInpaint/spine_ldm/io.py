@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,14 +59,25 @@ NON_MR_MODALITIES = {
 
 
 def _short(msg: str) -> str:
-    """First informative line of a (multi-line) SimpleITK / ITK error."""
+    """One informative line from a (multi-line) SimpleITK / ITK error message.
+
+    Takes the text after ``ERROR:`` (without the ``NrrdImageIO(0x...):`` object prefix) and, for
+    libraries that print a trace of ``[lib] ...`` lines (teem/NRRD), appends the innermost cause.
+    """
     lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
-    for ln in lines:
-        low = ln.lower()
-        if low.startswith(("description:", "itk::error", "exception")) or "error" in low:
-            txt = ln.split(":", 1)[1].strip() if low.startswith("description:") else ln
-            return txt[:200]
-    return (lines[0] if lines else "unknown error")[:200]
+    head = next((ln for ln in lines if "ERROR:" in ln), None)
+    if head is None:
+        head = next((ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")), lines[0] if lines else "")
+    else:
+        head = head.split("ERROR:", 1)[1].strip()
+    head = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", head)
+    if "Unable to determine ImageIO reader" in head:
+        return "not a recognised image format (expected NRRD, NIfTI, MHA, a DICOM folder, ...)"
+    trace = [ln for ln in lines if ln.startswith("[")]
+    if trace:
+        cause = trace[-1].split("]", 1)[-1].strip()
+        head = f"{head.rstrip(':')}: {cause}"
+    return (head or "unknown error")[:300]
 
 
 def image_metadata(image: sitk.Image) -> dict[str, str]:
