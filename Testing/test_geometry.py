@@ -350,3 +350,21 @@ def test_paste_back_edge_taper_removes_seam(make_volume, voxel_centres):
     np.testing.assert_array_equal(taper[face <= 0], 0.0)
     with pytest.raises(InputError, match="edge_taper_mm"):
         g.paste_back(img, mod, CENTER, 16.0, edge_taper_mm=-1.0)
+
+
+def test_real_ivd11_disc_center_estimated_from_posterior_margin(shared_data):
+    from spine_ldm.io import read_volume
+
+    img = read_volume(shared_data / "ivd_11_t2.nrrd")
+    lab = sitk.GetArrayFromImage(read_volume(shared_data / "ivd_11_labels.nrrd"))
+    discs = json.loads((shared_data / "ivd_11_discs.json").read_text())["discs"]
+    for level in ("L1-L2", "L2-L3", "L3-L4", "L4-L5"):
+        d = discs[level]
+        ci, cj, ck = d["center_ijk"]
+        k, j, i = np.nonzero(lab == d["label"])
+        sel = (np.abs(i - ci) <= 2) & (np.abs(k - ck) <= 2)
+        # posterior margin at mid-sagittal / mid-height (j increases towards posterior here)
+        margin = img.TransformContinuousIndexToPhysicalPoint((ci, float(j[sel].max()) + 0.5, ck))
+        assert margin[1] > d["center_LPS_mm"][1] + 10  # the margin is posterior (LPS +y) of the centre
+        est = g.estimate_disc_center(margin, "dh_small", img)
+        assert np.linalg.norm(np.subtract(est, d["center_LPS_mm"])) < 7.0, level

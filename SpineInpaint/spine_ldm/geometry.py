@@ -477,10 +477,13 @@ class Normalization:
 
 # ----------------------------------------------------------------------------- disc centre
 #: Typical anterior distance (mm) from the pathology landmark to the disc centre.
-#: DH landmark = posterior disc margin / herniation tip: a lumbar disc is ~35-45 mm deep
-#: (AP), so its centre lies ~20 mm anterior of the posterior margin.
+#: DH landmark = posterior disc margin / herniation tip: an adult lumbar disc is ~30-40 mm
+#: deep (AP), so its posterior margin lies ~15-20 mm behind the centre and a herniation tip a
+#: few mm further: 20 mm. (On the bundled real IVD cases the mid-sagittal posterior margin of
+#: L1-L2..L4-L5 lies 12-20 mm, median ~16 mm, behind the disc centroid; L5-S1 ~8-10 mm.)
 #: CCS landmark = inside the central canal behind the disc: ~8 mm further posterior than
 #: the disc margin (canal AP diameter ~15 mm), so ~28 mm.
+#: The FSU is 80 mm in AP, so an error of +-10 mm still keeps disc and canal inside it.
 DISC_OFFSET_MM = {"none": 0.0, "dh": 20.0, "ccs": 28.0}
 
 
