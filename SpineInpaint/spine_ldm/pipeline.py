@@ -1,0 +1,435 @@
+"""The one inference API: :func:`inpaint` (image + landmark -> K inpainted volumes + provenance).
+
+Stages (one direction, plain images/arrays between them)::
+
+    read + validate (io) -> landmark inside? (geometry) -> disc centre (given, or geometry.estimate_disc_center)
+    -> FSU around the disc centre (geometry.extract_fsu, size from the model config)
+    -> normalise (geometry.Normalization, fitted on the FSU) -> encode (autoencoder)
+    -> W on the latent grid (weighting.gaussian_weight(geometry.latent_frame(...), landmark, sigma))
+    -> K samples in one batch (diffusion samplers; conditioned on level + condition)
+    -> decode -> de-normalise -> paste back with W onto the original grid (geometry.paste_back)
+
+Methods (each needs a model trained for it, see registry):
+
+- ``weighted`` (Hansen et al.): per-voxel noise level ``t_v = round(W t)``; model method ``weighted``.
+- ``masked``: noise and denoise only inside ROI = W > 0.1; model method ``masked``.
+- ``repaint``: RePaint on a whole-FSU LDM (model method ``full``) with ROI = W > 0.1.
+
+Reproducibility: sample ``k`` (0-based) uses seed ``seed + k`` for all its random numbers (its own generator, drawn
+on the CPU), so ``samples=3, seed=5`` gives as its second output what ``samples=1, seed=6`` gives (equal up to
+float rounding of batched vs unbatched convolutions). The same call twice gives bit-identical arrays on the same
+machine/device.
+
+The input image object is never modified. Every voxel whose Gaussian weight is below 1e-3 (or outside the FSU) is
+bit-identical to the input, and each output has the input's size, origin, spacing, direction and pixel type.
+Nothing is written to disk here; :func:`write_outputs` writes the NRRDs with ``spine_ldm_*`` provenance keys.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .conditions import condition_index, level_index, parse_condition, parse_level
+from .errors import CancelledError, InputError, ModelError
+
+METHODS = ("weighted", "masked", "repaint")
+ROI_THRESHOLD = 0.1          # baselines' region of interest: W > 0.1 (paper)
+PASTE_THRESHOLD = 1e-3       # voxels with W below this are bit-identical to the input
+MAX_SAMPLES = 64
+EDGE_TAPER_MM = 5.0          # paste-back weight ramps to 0 over the last 5 mm inside the FSU faces
+_ALIASES = {"demo-small", "default", ""}
+
+
+@dataclass
+class InpaintResult:
+    """What :func:`inpaint` returns.
+
+    ``outputs[k]``: the k-th inpainted volume on the input grid. ``provenance`` is the provenance of the first sample
+    (``provenances`` has one dict per sample: they differ in ``seed`` and ``sample_index``). ``fsu_input`` is the FSU
+    crop of the input (input intensities, float32), ``fsu_outputs[k]`` the decoded, de-normalised k-th FSU before
+    paste-back, ``fsu_weight`` the Gaussian weight on the FSU grid (numpy, (SI, AP, LR)) and ``latent_weight`` W on
+    the latent grid that drove the sampler.
+    """
+
+    outputs: list[sitk.Image]
+    provenance: dict
+    nfe: int
+    seconds: float
+    device: str
+    peak_memory_mb: float
+    provenances: list[dict] = field(default_factory=list)
+    fsu_input: sitk.Image | None = None
+    fsu_outputs: list[sitk.Image] = field(default_factory=list)
+    fsu_reconstruction: sitk.Image | None = None
+    fsu_weight: np.ndarray | None = None
+    latent_weight: np.ndarray | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def default_model_for(method: str) -> str:
+    from .registry import DEFAULT_MODEL_FOR_METHOD
+
+    m = _check_method(method)
+    return DEFAULT_MODEL_FOR_METHOD[m]
+
+
+def _check_method(method: str) -> str:
+    m = str(method).strip().lower()
+    if m not in METHODS:
+        raise InputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model cache (the server and the demo call inpaint repeatedly)
+_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 3
+
+
+def load_model(model: str | None, method: str, device, registry=None):
+    """``registry.load`` with a small in-process cache (keyed by file paths + sha256s + device).
+
+    The sha256 of every file is checked on each call (cheap for the demo sizes); a changed file therefore never
+    reuses a stale cached network.
+    """
+    from . import registry as reg
+
+    mid = default_model_for(method) if model is None or str(model) in _ALIASES else model
+    entry = reg.resolve(mid, registry)
+    need = reg.MODEL_METHOD_FOR[method]
+    if entry.method != need:
+        raise ModelError(f"model {entry.id!r} was trained for method {entry.method!r}, but --method {method} needs a "
+                         f"{need!r} model (e.g. {reg.DEFAULT_MODEL_FOR_METHOD[method]})")
+    statuses = reg.verify(entry)
+    for st in statuses.values():
+        if st.status == "missing":
+            raise ModelError(f"missing: weights file {st.where} of model {entry.id!r} does not exist")
+        if st.status == "corrupt":
+            raise ModelError(f"weights file {st.where} sha256 mismatch: expected {st.expected}, got {st.actual}")
+    key = (entry.id, entry.config, tuple(sorted((n, str(f.local_path()), f.sha256) for n, f in entry.files.items())),
+           str(device))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    loaded = reg.load(entry, device)  # re-checks sha256 on the bytes it loads
+    with _CACHE_LOCK:
+        _CACHE[key] = loaded
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
+
+
+def clear_model_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _as_image(image) -> tuple[sitk.Image, str]:
+    from . import io as sio
+
+    if isinstance(image, sitk.Image):
+        return sio.validate_volume(image, "input volume"), "<in-memory image>"
+    if isinstance(image, (str, os.PathLike)):
+        return sio.read_volume(image), str(Path(image))
+    raise InputError(f"image must be a SimpleITK.Image or a file path, got {type(image).__name__}")
+
+
+def _point(p, what: str) -> tuple[float, float, float]:
+    try:
+        a = np.asarray(p, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be 3 numbers (LPS mm), got {p!r}") from None
+    if a.shape != (3,) or not np.all(np.isfinite(a)):
+        raise InputError(f"{what} must be 3 finite numbers (LPS mm), got {p!r}")
+    return tuple(float(v) for v in a)
+
+
+def _fsu_image(array: np.ndarray, frame: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    img.CopyInformation(frame)
+    return img
+
+
+def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, condition: str, method: str = "weighted",
+            samples: int = 1, seed: int = 0, steps: int = 50, sigma_mm: float = 16.0, device: Any = "auto",
+            model: str | None = None, disc_center_lps=None, progress: Callable[[int, int], None] | None = None,
+            cancel: Callable[[], bool] | None = None, registry=None, batch_size: int | None = None,
+            edge_taper_mm: float = EDGE_TAPER_MM) -> InpaintResult:
+    """Inpaint ``condition`` at ``landmark_lps`` (LPS mm) into ``image``; K = ``samples`` variants.
+
+    ``model``: registry id, model directory or zip; ``None`` = the demo model of ``method``
+    (weighted -> demo-small-weighted, masked -> demo-small-masked, repaint -> demo-small-full).
+    ``progress(step, total)`` is called after each diffusion step; ``cancel()`` returning True raises
+    :class:`CancelledError` at the next step. ``batch_size`` caps the batch (default: all K at once; halved on
+    CUDA out-of-memory). ``edge_taper_mm`` ramps the paste-back weight to 0 at the FSU faces over that distance
+    (no seam where the Gaussian is still large at a face; 0 = plain W). Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
+    """
+    import torch
+
+    from . import geometry, weighting
+    from .device import PeakMemory, describe, run_with_oom_retry, select_device
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    method = _check_method(method)
+    level, condition = parse_level(level), parse_condition(condition)
+    try:
+        samples, seed, steps = int(samples), int(seed), int(steps)
+    except (TypeError, ValueError):
+        raise InputError(f"samples, seed and steps must be integers, got {samples!r}, {seed!r}, {steps!r}") from None
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InputError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+    if not 1 <= steps <= 1000:
+        raise InputError(f"steps must be between 1 and 1000, got {steps}")
+    if not (np.isfinite(sigma_mm) and 0.5 <= float(sigma_mm) <= 100.0):
+        raise InputError(f"sigma_mm must be between 0.5 and 100 mm, got {sigma_mm!r}")
+    sigma_mm = float(sigma_mm)
+    landmark = _point(landmark_lps, "landmark")
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+
+    img, source = _as_image(image)
+    geometry.check_point_inside(img, landmark, "landmark")
+    estimated = disc_center_lps is None
+    disc = _point(geometry.estimate_disc_center(landmark, condition, img) if estimated else disc_center_lps,
+                  "disc centre")
+    if not estimated:
+        geometry.check_point_inside(img, disc, "disc centre")
+    dev = select_device(device)
+    timings["prepare"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    cfg, autoencoder, unet, entry, shas = load_model(model, method, dev, registry)
+    timings["load_model"] = time.perf_counter() - t0
+
+    spec = geometry.FSUSpec(shape=tuple(cfg.fsu_shape), size_mm=tuple(cfg.fsu_size_mm))
+    fsu = geometry.extract_fsu(img, disc, spec)
+    dl = geometry.distance_outside_mm(fsu, landmark)
+    if dl > 0:
+        raise InputError(f"landmark {landmark} LPS lies {dl:.1f} mm outside the FSU around the disc centre {disc} "
+                         f"(FSU {spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm); give --disc-center "
+                         f"closer to the landmark")
+    fsu_arr = sitk.GetArrayFromImage(fsu)  # (SI, AP, LR) float32
+    norm = geometry.Normalization.fit(fsu_arr)
+    lat_grid = geometry.latent_frame(fsu, cfg.latent_factors)
+    w_lat = weighting.gaussian_weight(lat_grid, landmark, sigma_mm)  # (SI, AP, LR) latent numpy order
+    w_fsu = weighting.gaussian_weight(fsu, landmark, sigma_mm)
+    if method != "weighted" and not weighting.roi_mask(w_lat, ROI_THRESHOLD).any():
+        raise InputError(f"the region W > {ROI_THRESHOLD} is empty on the latent grid (sigma {sigma_mm} mm is too "
+                         f"small for the latent spacing); use a larger sigma")
+
+    from .diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(cfg)
+    lvl = level_index(level)
+    cnd = condition_index(condition)
+    seeds = [seed + k for k in range(samples)]
+
+    with PeakMemory(dev) as pm, torch.inference_mode():
+        x = torch.from_numpy(np.asarray(norm.forward(fsu_arr), dtype=np.float32))[None, None].to(dev)
+        t0 = time.perf_counter()
+        z0 = autoencoder.encode(x)
+        recon = autoencoder.decode(z0)
+        timings["encode"] = time.perf_counter() - t0
+        W = torch.from_numpy(w_lat)[None, None].to(dev)
+
+        def run(batch: int):
+            zs, nfe_total = [], 0
+            done = [0]
+            n_chunks = (samples + batch - 1) // batch
+
+            for c in range(n_chunks):
+                ks = list(range(c * batch, min(samples, (c + 1) * batch)))
+
+                def prog(step, total, _c=c):
+                    if progress is not None:
+                        # one progress sequence over all chunks
+                        progress(_c * total + int(step), n_chunks * total)
+
+                z, nfe = _sample(method, unet, schedule, z0, W, [seeds[k] for k in ks], steps, lvl, cnd, dev,
+                                 prog, cancel, cfg.sampling.sampler)
+                zs.append(z)
+                nfe_total = nfe  # NFE per sample batch (all chunks have the same)
+                done[0] += len(ks)
+            return torch.cat(zs, 0), nfe_total
+
+        t0 = time.perf_counter()
+        zK, nfe = run_with_oom_retry(run, batch_size or samples, dev)
+        timings["sample"] = time.perf_counter() - t0
+        if cancel is not None and cancel():
+            raise CancelledError("cancelled (nothing was written)")
+        t0 = time.perf_counter()
+        decoded = torch.cat([autoencoder.decode(zK[i:i + 1]) for i in range(samples)], 0).float().cpu().numpy()
+        timings["decode"] = time.perf_counter() - t0
+        recon_np = recon.float().cpu().numpy()[0, 0]
+
+    t0 = time.perf_counter()
+    fsu_outs, outs = [], []
+    for k in range(samples):
+        arr = norm.inverse(decoded[k, 0].astype(np.float64)).astype(np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise ModelError(f"model {entry.id!r} produced non-finite values for sample {k + 1}")
+        f_img = _fsu_image(arr, fsu)
+        fsu_outs.append(f_img)
+        outs.append(geometry.paste_back(img, f_img, landmark, sigma_mm, threshold=PASTE_THRESHOLD,
+                                        edge_taper_mm=float(edge_taper_mm)))
+    timings["paste_back"] = time.perf_counter() - t0
+    seconds = time.perf_counter() - t_start
+
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    base = {
+        "spine_ldm_version": __version__, "model_id": entry.id, "model_method": entry.method,
+        "model_config": cfg.name, "weights_sha256": dict(shas), "method": method, "seed": seed,
+        "base_seed": seed, "sample_index": 1, "samples": samples, "steps": steps,
+        "sampler": _sampler_name(method, cfg), "nfe": nfe, "sigma_mm": sigma_mm,
+        "landmark_lps": _clean(landmark), "landmark_ras": _clean(geometry.lps_to_ras(landmark)),
+        "disc_center_lps": _clean(disc), "disc_center_estimated": estimated, "level": level,
+        "condition": condition, "device": describe(dev), "created": created, "input": source,
+        "fsu_shape": list(spec.shape), "fsu_size_mm": list(spec.size_mm), "normalization": norm.to_dict(),
+        "paste_threshold": PASTE_THRESHOLD, "edge_taper_mm": float(edge_taper_mm),
+    }
+    if method != "weighted":
+        base["roi_threshold"] = ROI_THRESHOLD
+    provs = [{**base, "seed": seeds[k], "sample_index": k + 1} for k in range(samples)]
+    return InpaintResult(outputs=outs, provenance=provs[0], nfe=nfe, seconds=seconds, device=describe(dev),
+                         peak_memory_mb=float(pm.mb), provenances=provs, fsu_input=fsu, fsu_outputs=fsu_outs,
+                         fsu_reconstruction=_fsu_image(norm.inverse(recon_np.astype(np.float64)), fsu),
+                         fsu_weight=w_fsu, latent_weight=w_lat, timings=timings)
+
+
+def _clean(p) -> list[float]:
+    return [float(v) + 0.0 for v in p]  # no "-0.0" in provenance
+
+
+def _sampler_name(method: str, cfg) -> str:
+    s = cfg.sampling.sampler
+    return {"weighted": f"weighted-{s}", "masked": f"masked-{s}", "repaint": "repaint-ddpm"}[method]
+
+
+def _sample(method, unet, schedule, z0, W, seeds, steps, lvl, cnd, dev, progress, cancel, sampler="plms"):
+    """Run the sampler of ``method`` for len(seeds) samples; returns (latents (B, C, ...), nfe).
+
+    Each sample gets its own CPU generator seeded with its seed. Samplers that accept a list of per-sample
+    generators get the whole batch at once; otherwise the samples run one after another (same numbers, slower).
+    """
+    import torch
+
+    from . import diffusion
+    from .device import autocast
+
+    use_w = bool(getattr(unet, "w_channel", False))
+
+    def model_fn_for(b):
+        lvl_t = torch.full((b,), lvl, dtype=torch.long, device=dev)
+        cnd_t = torch.full((b,), cnd, dtype=torch.long, device=dev)
+        Wb = W.expand(b, *W.shape[1:])
+
+        def model_fn(x, t, t_voxel):
+            with autocast(dev):
+                return unet(x, t, lvl_t, cnd_t, w=Wb if use_w else None).float()
+
+        return model_fn
+
+    def call(b, generator, prog):
+        zb = z0.expand(b, *z0.shape[1:]).contiguous()
+        Wb = W.expand(b, *W.shape[1:]).contiguous()
+        kw = dict(steps=steps, generator=generator, schedule=schedule, progress=prog, cancel=cancel)
+        fn = model_fn_for(b)
+        if method == "weighted":
+            return diffusion.sample_weighted(fn, zb, Wb, sampler=sampler, **kw)
+        if method == "masked":
+            return diffusion.sample_masked(fn, zb, Wb > ROI_THRESHOLD, sampler=sampler, **kw)
+        return diffusion.sample_repaint(fn, zb, Wb > ROI_THRESHOLD, **kw)
+
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    if len(gens) == 1:
+        return _unpack(call(1, gens[0], progress))
+    if _LIST_GENERATORS.get(method, True):
+        try:
+            return _unpack(call(len(gens), gens, progress))
+        except InputError as e:
+            if "generator must be" not in str(e):
+                raise
+            _LIST_GENERATORS[method] = False
+    outs, nfe = [], 0
+    n = len(gens)
+    for k, g in enumerate(gens):
+        def prog(step, total, _k=k):
+            if progress is not None:
+                progress(_k * total + int(step), n * total)
+
+        z, nfe = _unpack(call(1, g, prog))
+        outs.append(z)
+    return torch.cat(outs, 0), nfe
+
+
+#: whether the samplers take one generator per sample (probed once per method)
+_LIST_GENERATORS: dict[str, bool] = {}
+
+
+def _unpack(res):
+    x, info = res
+    return x, int(info["nfe"] if isinstance(info, dict) else info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def provenance_header(prov: dict) -> dict[str, str]:
+    """NRRD header keys ``spine_ldm_<key>`` (values JSON-encoded unless plain strings)."""
+    import json
+
+    out = {}
+    for k, v in prov.items():
+        key = k if k.startswith("spine_ldm_") else f"spine_ldm_{k}"
+        out[key] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def output_paths(out: str | os.PathLike, samples: int) -> list[Path]:
+    """``OUT.nrrd`` for one sample, else ``OUT_1.nrrd`` .. ``OUT_K.nrrd`` (``.nii.gz`` handled)."""
+    p = Path(out)
+    if samples == 1:
+        return [p]
+    name = p.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return [p.with_name(f"{stem}_{k}{suffix}") for k in range(1, samples + 1)]
+
+
+def write_outputs(result: InpaintResult, out: str | os.PathLike) -> list[Path]:
+    """Write every output with its provenance in ``spine_ldm_*`` header keys; returns the paths.
+
+    Files are written to a temporary name in the target folder and renamed, so a failure never leaves a
+    half-written output behind.
+    """
+    from . import io as sio
+
+    paths = output_paths(out, len(result.outputs))
+    written: list[Path] = []
+    try:
+        for img, prov, p in zip(result.outputs, result.provenances or [result.provenance], paths):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            name = p.name
+            suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
+            tmp = p.with_name(f".{name[: len(name) - len(suffix)]}.partial{os.getpid()}{suffix}")
+            sio.write_volume(img, tmp, metadata=provenance_header(prov))
+            written.append(tmp)
+        for tmp, p in zip(written, paths):
+            os.replace(tmp, p)
+    finally:
+        for tmp in written:
+            if tmp.exists():
+                tmp.unlink()
+    return paths

@@ -1,0 +1,115 @@
+"""Benchmark one inpaint per method: network evaluations, seconds, peak memory.
+
+Weighted (PLMS) vs masked (PLMS) vs RePaint (DDPM with resampling, jump 10 x 10) for the ``small`` and (optionally,
+slow on CPU) the ``paper`` config, with random-init weights (timing does not depend on training), on CPU and on
+CUDA when present. Each run is one full :func:`spine_ldm.pipeline.inpaint` call (read-in-memory volume -> FSU ->
+encode -> sample -> decode -> paste back) after one warm-up call per (config, device, method) at 2 steps.
+
+Usage::
+
+    python benchmarks/bench_inpaint.py                                  # small config, cpu (+cuda), 50 steps
+    python benchmarks/bench_inpaint.py --configs small,paper --samples 2 --out bench.json
+    python benchmarks/bench_inpaint.py --devices cuda --configs paper
+
+Peak memory is ``torch.cuda.max_memory_allocated`` for CUDA and the process's peak RSS for CPU (a process-lifetime
+maximum: it only grows across rows). Prints a table and writes JSON (``--out``). No assertions: this is a script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Testing"))  # helpers_models: random-init weights + registry
+
+
+def synthetic_volume(spacing=(4.3, 0.625, 0.625), extent_mm=(110.0, 200.0, 200.0), seed: int = 0):
+    """A sagittal-like int16 volume (LPS, i = L->R, j = A->P, k = S->I) of smooth noise; centre at (0, 0, 0)."""
+    rng = np.random.default_rng(seed)
+    size = [max(8, int(round(e / s))) for e, s in zip(extent_mm, spacing)]
+    arr = rng.normal(500, 120, size=size[::-1]).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img = sitk.SmoothingRecursiveGaussian(img, 2.0)
+    img = sitk.Cast(sitk.Clamp(img, lowerBound=0, upperBound=3000), sitk.sitkInt16)
+    d = np.array([[-1, 0, 0], [0, 1, 0], [0, 0, -1]], dtype=float)
+    sp = np.asarray(spacing, dtype=float)
+    img.SetSpacing(tuple(sp))
+    img.SetDirection(tuple(d.reshape(-1)))
+    img.SetOrigin(tuple(-(d * sp[None, :]) @ ((np.asarray(size) - 1) / 2.0)))
+    return img
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="small", help="comma list of small,paper (paper is slow on CPU)")
+    ap.add_argument("--methods", default="weighted,masked,repaint")
+    ap.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: cpu, plus cuda if present)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from helpers_models import make_registry
+    from spine_ldm import pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices.split(",") if args.devices else (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    img = synthetic_volume()
+    centre = (0.0, 0.0, 0.0)
+    landmark = (0.0, 20.0, 0.0)  # 20 mm posterior of the "disc centre"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs:
+            regp = make_registry(Path(tmp) / cfg, config=cfg)
+            for dev in devices:
+                for method in methods:
+                    kw = dict(method=method, device=dev, registry=regp, disc_center_lps=centre,
+                              samples=args.samples, seed=0)
+                    pipeline.inpaint(img, landmark, "L4-L5", "dh_moderate_large", steps=2, **kw)  # warm-up
+                    if dev.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    res = pipeline.inpaint(img, landmark, "L4-L5", "dh_moderate_large", steps=args.steps, **kw)
+                    wall = time.perf_counter() - t0
+                    row = {"config": cfg, "device": res.device, "method": method, "steps": args.steps,
+                           "samples": args.samples, "nfe": res.nfe, "seconds": round(wall, 3),
+                           "seconds_sampling": round(res.timings.get("sample", float("nan")), 3),
+                           "seconds_per_nfe": round(res.timings.get("sample", wall) / max(res.nfe, 1), 4),
+                           "peak_memory_mb": round(res.peak_memory_mb, 1),
+                           "peak_memory_kind": "cuda_max_allocated" if dev.startswith("cuda") else "process_rss_peak",
+                           "sampler": res.provenance["sampler"]}
+                    rows.append(row)
+                    print(f"{cfg:6} {res.device:32} {method:9} nfe {res.nfe:4d}  {wall:8.2f} s  "
+                          f"{row['seconds_per_nfe']:.3f} s/nfe  peak {res.peak_memory_mb:8.0f} MB", flush=True)
+    print()
+    hdr = f"| config | device | method | nfe | seconds | s/nfe | peak MB |"
+    print(hdr)
+    print("|" + "---|" * 7)
+    for r in rows:
+        print(f"| {r['config']} | {r['device']} | {r['method']} | {r['nfe']} | {r['seconds']:.2f} | "
+              f"{r['seconds_per_nfe']:.3f} | {r['peak_memory_mb']:.0f} |")
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
