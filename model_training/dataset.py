@@ -104,7 +104,7 @@ class Augment:
               params: dict) -> tuple[torch.Tensor, np.ndarray | None]:
         """Apply ``params`` to image (1, SI, AP, LR) and the landmark index (SI, AP, LR); returns new ones."""
         shape = np.array(image.shape[1:], dtype=np.float64)
-        sp = np.asarray(spacing_np, dtype=np.float64)
+        sp = np.array(spacing_np, dtype=np.float64)  # copy: may be a reversed view
         ctr = (shape - 1) / 2.0
         out = image
         lm = None if landmark_index is None else np.asarray(landmark_index, dtype=np.float64).copy()
