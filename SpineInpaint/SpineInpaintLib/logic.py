@@ -1,0 +1,272 @@
+"""``InpaintLogic``: everything the Apply button does, usable without the widget.
+
+From Slicer's Python console or a PythonSlicer script::
+
+    from SpineInpaintLib.logic import InpaintLogic
+    from SpineInpaintLib.parameters import InpaintParameters
+
+    volume = slicer.util.getNode("T2")
+    landmark = slicer.util.getNode("Landmark")      # markups point list, first point = the pathology location
+    params = InpaintParameters(level="L4-L5", condition="dh_moderate_large", samples=2, seed=7)
+    nodes = InpaintLogic().run(volume, landmark, params)   # blocks; returns the new volume nodes
+
+The widget uses the non-blocking form: ``job = logic.start(...)`` then ``job.poll()`` from a QTimer, ``job.cancel()``
+on Cancel. A job runs one backend process per method (one for a normal run, three in compare mode) and loads the
+outputs into the scene only when every run has succeeded: a cancelled or failed job leaves the scene untouched.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Optional
+
+from . import nodes as nodesLib
+from .parameters import METHOD_LABELS, InpaintParameters
+from .runner import CANCELLED, DONE, FAILED, IDLE, RUNNING, BackendProcess, backendEnvironment, errorMessage, \
+    inpaintCommand, progressFraction
+
+LOADING = "loading"
+
+
+def defaultRegistryPath() -> str:
+    """The module's bundled ``Resources/Models.json`` (the backend's own default when it is absent)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models.json")
+
+
+class InpaintJob:
+    """One Apply: a sequence of backend runs (one per method) and the loading of their outputs."""
+
+    def __init__(self, logic: "InpaintLogic", inputVolume, request: nodesLib.BackendRequest,
+                 params: InpaintParameters, workDir: str, token: str = "",
+                 onEvent: Optional[Callable[["InpaintJob", dict], None]] = None):
+        self.logic = logic
+        self.inputVolume = inputVolume
+        self.request = request
+        self.params = params
+        self.workDir = workDir
+        self.token = token
+        self.onEvent = onEvent
+        self.methods = params.methodsToRun()
+        self.runIndex = -1
+        self.current = None  # BackendProcess | RemoteJob
+        self.doneEvents: list[tuple[str, dict]] = []
+        self.outputNodes: list = []
+        self.state = IDLE
+        self.message = ""
+        self.step = 0
+        self.of = 0
+        self.startTime: Optional[float] = None
+
+    # -- lifecycle
+    def start(self) -> "InpaintJob":
+        self.state = RUNNING
+        self.startTime = time.monotonic()
+        self._emit({"event": "log", "message": self._describe()})
+        for note in self.request.notes:
+            self._emit({"event": "log", "message": note})
+        self._startNext()
+        return self
+
+    def _describe(self) -> str:
+        r = self.request
+        lm = ", ".join(f"{v:.1f}" for v in r.landmarkRas)
+        where = f"remote {self.params.remoteUrl}" if self.params.backend == "remote" else "local backend"
+        return (f"{r.condition} at {r.level} ({'suggested' if r.levelSource == 'suggested' else 'chosen'}), landmark "
+                f"RAS ({lm}), methods {', '.join(self.methods)}, {self.params.samples} sample(s), seed "
+                f"{self.params.seed}, {self.params.steps} steps, sigma {self.params.sigmaMm:g} mm on {where}")
+
+    def _startNext(self) -> None:
+        self.runIndex += 1
+        method = self.methods[self.runIndex]
+        payload = nodesLib.requestPayload(self.request, self.params, method)
+        outDir = os.path.join(self.workDir, f"run{self.runIndex}_{method}")
+        os.makedirs(outDir, exist_ok=True)
+        if self.params.backend == "remote":
+            from .remote import RemoteClient, RemoteJob
+
+            client = RemoteClient(self.params.remoteUrl, self.token)
+            self.current = RemoteJob(client, self.request.inputPath, payload, outDir)
+        else:
+            cmd = self.logic.commandBuilder(payload, self.request.inputPath, outDir, python=self.logic.python,
+                                            registry=self.logic.registryFor(self.params))
+            self.current = BackendProcess(cmd, env=self.logic.environment())
+        self._emit({"event": "log", "message": f"run {self.runIndex + 1}/{len(self.methods)}: "
+                                                f"{METHOD_LABELS.get(method, method)}"})
+        self.current.start()
+
+    def _emit(self, event: dict) -> None:
+        if self.onEvent:
+            self.onEvent(self, event)
+
+    # -- polling
+    def poll(self) -> list[dict]:
+        """Forward the current run's events; start the next run / load outputs when it ends."""
+        if self.state != RUNNING or self.current is None:
+            return []
+        events = self.current.poll()
+        for e in events:
+            e = dict(e, run=self.runIndex, runs=len(self.methods), method=self.methods[self.runIndex])
+            if e.get("event") == "progress":
+                self.step, self.of = int(e.get("step", 0)), int(e.get("of", 0))
+            self._emit(e)
+        if self.current.state == DONE:
+            self.doneEvents.append((self.methods[self.runIndex], self.current.result))
+            if self.runIndex + 1 < len(self.methods):
+                self._startNext()
+            else:
+                self._loadAll()
+        elif self.current.state == FAILED:
+            self._finish(FAILED, errorMessage(self.current.error or {}))
+        elif self.current.state == CANCELLED:
+            self._finish(CANCELLED, "Cancelled: nothing was added to the scene")
+        return events
+
+    def progress(self) -> float:
+        """Overall fraction 0..1 over all runs (diffusion steps of the current run)."""
+        if self.state == DONE:
+            return 1.0
+        n = max(1, len(self.methods))
+        frac = progressFraction({"step": self.step, "of": self.of}) or 0.0
+        return (max(0, self.runIndex) + frac) / n
+
+    def progressText(self) -> str:
+        if self.state != RUNNING:
+            return self.message
+        method = METHOD_LABELS.get(self.methods[max(0, self.runIndex)], "")
+        run = f" ({self.runIndex + 1}/{len(self.methods)})" if len(self.methods) > 1 else ""
+        if not self.of:
+            return f"{method}{run}: starting backend..."
+        return f"{method}{run}: step {self.step}/{self.of}"
+
+    def _loadAll(self) -> None:
+        self.state = LOADING
+        created = []
+        try:
+            for method, done in self.doneEvents:
+                for k, path in enumerate(done.get("outputs", [])):
+                    name = nodesLib.outputNodeName(self.inputVolume.GetName(), self.request.condition,
+                                                   self.request.level, method, k)
+                    prov = nodesLib.sampleProvenance(done, k, self.request, method)
+                    created.append(nodesLib.loadOutputVolume(path, self.inputVolume, name, prov,
+                                                             scene=self.logic.scene))
+        except Exception as e:
+            for node in created:  # all or nothing
+                self.logic.scene.RemoveNode(node)
+            self._finish(FAILED, f"Loading the results failed: {e}")
+            return
+        self.outputNodes = created
+        seconds = time.monotonic() - (self.startTime or time.monotonic())
+        self._finish(DONE, f"Done: {len(created)} volume(s) in {seconds:.0f} s")
+
+    def _finish(self, state: str, message: str) -> None:
+        self.state = state
+        self.message = message
+        self._emit({"event": "finished", "state": state, "message": message})
+        self.cleanup()
+
+    def cancel(self, timeout: float = 2.0) -> bool:
+        """Stop the backend within ``timeout`` s; nothing is loaded afterwards."""
+        if self.state != RUNNING:
+            return True
+        ok = self.current.cancel(timeout) if self.current is not None else True
+        if self.state == RUNNING:
+            self._finish(CANCELLED, "Cancelled: nothing was added to the scene")
+        return ok
+
+    def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.1) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == RUNNING:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(pollInterval)
+        return self.state
+
+    def cleanup(self) -> None:
+        if self.logic.keepTemporaryFiles:
+            return
+        shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+class InpaintLogic:
+    """Batch-usable logic (no widget, no Qt).
+
+    ``python`` / ``env`` override the backend interpreter and its environment; ``commandBuilder`` (default
+    ``runner.inpaintCommand``) builds the backend command line (tests substitute a fake backend).
+    """
+
+    def __init__(self, scene=None, python: Optional[str] = None, env: Optional[dict] = None,
+                 keepTemporaryFiles: bool = False, commandBuilder: Optional[Callable[..., list]] = None):
+        import slicer
+
+        self.scene = scene or slicer.mrmlScene
+        self.python = python
+        self._env = env
+        self.keepTemporaryFiles = keepTemporaryFiles
+        self.commandBuilder = commandBuilder or inpaintCommand
+
+    def environment(self) -> dict:
+        return dict(self._env) if self._env is not None else backendEnvironment()
+
+    @staticmethod
+    def registryFor(params: InpaintParameters) -> Optional[str]:
+        if params.registry:
+            return params.registry
+        if os.environ.get("SPINE_LDM_REGISTRY"):
+            return None  # let the backend use the environment's registry
+        bundled = defaultRegistryPath()
+        return bundled if os.path.exists(bundled) else None
+
+    @staticmethod
+    def remoteToken(params: InpaintParameters, token: str = "") -> str:
+        if token:
+            return token
+        if params.remoteTokenFile:
+            from .remote import readTokenFile
+
+            return readTokenFile(params.remoteTokenFile)
+        return os.environ.get("SPINE_LDM_TOKEN", "")
+
+    def start(self, inputVolume, landmarkNode, params: InpaintParameters, discCentersNode=None,
+              onEvent: Optional[Callable[[InpaintJob, dict], None]] = None, token: str = "") -> InpaintJob:
+        """Validate, write the input, start the first backend run; returns the running job."""
+        if inputVolume is None:
+            raise ValueError("select an input volume")
+        params = params.normalized()
+        workDir = tempfile.mkdtemp(prefix="SpineInpaint-")
+        try:
+            request = nodesLib.prepareBackendInput(inputVolume, landmarkNode, params, workDir,
+                                                   discCentersNode=discCentersNode)
+            token = self.remoteToken(params, token) if params.backend == "remote" else ""
+            job = InpaintJob(self, inputVolume, request, params, workDir, token=token, onEvent=onEvent)
+            return job.start()
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+
+    def run(self, inputVolume, landmarkNode, params: Optional[InpaintParameters] = None, discCentersNode=None,
+            timeout: Optional[float] = None, log: Optional[Callable[[str], None]] = print, token: str = "") -> list:
+        """Blocking run for scripts: returns the new volume nodes, raises RuntimeError on failure."""
+
+        def onEvent(job, e):
+            if log is None:
+                return
+            kind = e.get("event")
+            if kind == "log" and e.get("stream") != "stderr":
+                log(e.get("message", ""))
+            elif kind == "progress" and (int(e.get("step", 0)) % 10 == 0 or e.get("step") == e.get("of")):
+                log(job.progressText())
+            elif kind == "finished":
+                log(e.get("message", ""))
+
+        job = self.start(inputVolume, landmarkNode, params or InpaintParameters(), discCentersNode,
+                         onEvent=onEvent, token=token)
+        state = job.wait(timeout)
+        if state == RUNNING:
+            job.cancel()
+            raise RuntimeError(f"SpineInpaint timed out after {timeout} s (cancelled)")
+        if state != DONE:
+            raise RuntimeError(job.message)
+        return job.outputNodes

@@ -1,0 +1,105 @@
+"""Versioned model list for the panel: ``Models.json`` entries with their sha256 status.
+
+Reads the registry through ``spine_ldm.registry`` (pure Python: json + hashlib, no torch). Hashing large weights is
+cached per file (path, size, mtime), so re-opening the module does not re-hash unchanged files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    method: str  # what the U-Net was trained for: weighted | masked | full
+    config: str
+    description: str = ""
+    license: str = ""
+    trainingData: str = ""
+    status: str = "unknown"  # ok | missing | corrupt | not downloaded | unknown
+    messages: list = field(default_factory=list)
+    sha256: dict = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("ok", "not downloaded")
+
+    def label(self) -> str:
+        mark = {"ok": "sha256 ok", "missing": "MISSING", "corrupt": "CORRUPT", "not downloaded": "not downloaded",
+                "unknown": "unchecked"}.get(self.status, self.status)
+        return f"{self.id} ({self.config}, {self.method}) [{mark}]"
+
+    def tooltip(self) -> str:
+        lines = [self.description or self.id, f"config: {self.config}", f"trained for: {self.method}"]
+        if self.trainingData:
+            lines.append(f"training data: {self.trainingData}")
+        if self.license:
+            lines.append(f"license: {self.license}")
+        lines += self.messages
+        return "\n".join(lines)
+
+
+def inpaintMethodsFor(modelMethod: str) -> list[str]:
+    from spine_ldm.registry import MODEL_METHOD_FOR
+
+    return [m for m, mm in MODEL_METHOD_FOR.items() if mm == modelMethod]
+
+
+def defaultModelFor(method: str) -> str:
+    from spine_ldm.registry import DEFAULT_MODEL_FOR_METHOD
+
+    return DEFAULT_MODEL_FOR_METHOD.get(method, "")
+
+
+def _cachedSha(path) -> Optional[str]:
+    from spine_ldm.registry import sha256_file
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_file(path)
+    return _HASH_CACHE[key]
+
+
+def fileStatus(fileRef) -> tuple[str, str]:
+    """(status, message) of one registry file reference, hashing through the cache."""
+    local = fileRef.local_path()
+    if not os.path.isfile(local):
+        if fileRef.path is None:
+            return "not downloaded", f"{fileRef.name}: not downloaded yet ({fileRef.url})"
+        return "missing", f"{fileRef.name}: missing: {local}"
+    actual = _cachedSha(local)
+    if actual != fileRef.sha256:
+        return "corrupt", (f"{fileRef.name}: sha256 mismatch for {local}: expected {fileRef.sha256[:12]}..., "
+                           f"got {str(actual)[:12]}...")
+    return "ok", f"{fileRef.name}: ok"
+
+
+def listModels(registry: Optional[str] = None, verify: bool = True) -> list[ModelInfo]:
+    """All registered models (main registry, then the user registry), optionally sha256-verified."""
+    from spine_ldm.registry import list_models
+
+    out = []
+    for entry in list_models(registry or None):
+        info = ModelInfo(id=entry.id, method=entry.method, config=os.path.basename(str(entry.config)),
+                         description=entry.description, license=entry.license, trainingData=entry.training_data,
+                         sha256={n: f.sha256 for n, f in entry.files.items()})
+        if verify:
+            statuses = [fileStatus(f) for f in entry.files.values()]
+            info.messages = [m for _, m in statuses]
+            order = ("corrupt", "missing", "not downloaded", "ok")
+            info.status = next(s for s in order if any(st == s for st, _ in statuses))
+        out.append(info)
+    return out
+
+
+def modelsForMethod(models: list[ModelInfo], method: str) -> list[ModelInfo]:
+    """Models that can run the inpainting ``method`` (RePaint uses 'full' models)."""
+    return [m for m in models if method in inpaintMethodsFor(m.method)]

@@ -1,0 +1,324 @@
+"""The local backend as a background process speaking the CLI JSON-lines protocol (DEVELOPERS.md).
+
+``BackendProcess`` starts ``spine-ldm inpaint ... --progress json`` with ``subprocess.Popen`` (no QProcess, so it
+works in PythonSlicer scripts and tests), reads stdout/stderr on two daemon threads into a queue, and hands the
+parsed events to whoever polls it: the widget polls from a ``qt.QTimer`` (the Slicer GUI never blocks), batch
+scripts call ``wait()``.
+
+Events are dicts with an ``"event"`` key: ``start``, ``progress`` (``step``, ``of``, ``stage``), ``done``
+(``outputs``, ``provenance``, ...), ``error`` (``kind``, ``message``), plus two made here: ``log`` (a non-JSON line;
+``stream`` is ``stdout`` or ``stderr``) and ``cancelled``. A process that dies without an ``error`` line becomes an
+``error`` event whose message names the exit code and the last stderr line, never a traceback dump.
+
+Cancel kills the whole process group (the backend and anything it spawned) and returns within ``timeout``
+seconds (default 2); nothing is loaded into the scene for a cancelled or failed run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional, Sequence
+
+IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "error", "cancelled"
+EXIT_CODES = {0: "ok", 1: "error", 2: "input", 3: "model", 4: "device", 130: "cancelled"}
+ERROR_TITLES = {
+    "input": "Input problem",
+    "model": "Model problem",
+    "device": "Device problem",
+    "cancelled": "Cancelled",
+    "error": "Backend error",
+}
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def parseEventLine(line: str, stream: str = "stdout") -> dict:
+    """One output line -> event dict (non-JSON or JSON without 'event' becomes a 'log' event)."""
+    text = line.rstrip("\r\n")
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        try:
+            obj = json.loads(stripped)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
+            return obj
+    return {"event": "log", "stream": stream, "message": text}
+
+
+def errorMessage(event: dict) -> str:
+    """Plain one-line message for an error event: '<Title>: <message>'."""
+    kind = str(event.get("kind") or "error")
+    message = str(event.get("message") or "").strip().splitlines()
+    message = message[0] if message else "unknown error"
+    return f"{ERROR_TITLES.get(kind, 'Backend error')}: {message}"
+
+
+def progressFraction(event: dict) -> Optional[float]:
+    try:
+        step, of = float(event["step"]), float(event["of"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return max(0.0, min(1.0, step / of)) if of > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------- command
+def moduleDirectory() -> str:
+    """Directory that holds ``spine_ldm`` and ``SpineInpaintLib`` (the scripted module directory)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pythonExecutable() -> str:
+    """PythonSlicer inside Slicer (a launcher that sets Slicer's library paths), else this interpreter."""
+    import shutil
+
+    try:
+        import slicer
+
+        if hasattr(slicer, "app"):
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+    except ImportError:
+        pass
+    return sys.executable
+
+
+def backendEnvironment(extra: Optional[dict] = None) -> dict:
+    """Environment for the backend: Slicer's startup environment when available, module dir on PYTHONPATH."""
+    env = None
+    try:
+        import slicer
+
+        if hasattr(slicer, "app") and hasattr(slicer.util, "startupEnvironment"):
+            env = dict(slicer.util.startupEnvironment())
+    except ImportError:
+        pass
+    env = dict(os.environ if env is None else env)
+    paths = [moduleDirectory()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("PYTHONIOENCODING", "utf-8")
+    env.update(extra or {})
+    return env
+
+
+def _fmt(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _vector(values) -> str:
+    return ",".join(_fmt(float(v)) for v in values)
+
+
+def inpaintCommand(payload: dict, inputPath: str, outputDir: str, python: Optional[str] = None,
+                   registry: Optional[str] = None) -> list[str]:
+    """``spine-ldm inpaint`` command line for one run (``payload`` = ``nodes.requestPayload``).
+
+    Coordinates go as LPS (the CLI default) in ``--landmark=x,y,z`` form so negative values parse. Outputs are
+    ``<outputDir>/sample.nrrd`` (one sample) or ``sample_1.nrrd`` .. ``sample_K.nrrd``; the ``done`` event lists them.
+    """
+    cmd = [python or pythonExecutable(), "-m", "spine_ldm.cli", "inpaint", str(inputPath),
+           f"--landmark={_vector(payload['landmark_lps'])}", "--coords", "lps",
+           "--level", payload["level"], "--condition", payload["condition"],
+           "--method", payload["method"], "--samples", str(int(payload["samples"])),
+           "--seed", str(int(payload["seed"])), "--steps", str(int(payload["steps"])),
+           "--sigma-mm", _fmt(float(payload["sigma_mm"])), "--device", payload.get("device", "auto"),
+           "--out", os.path.join(str(outputDir), "sample.nrrd"), "--progress", "json"]
+    if payload.get("model"):
+        cmd += ["--model", payload["model"]]
+    if payload.get("disc_center_lps") is not None:
+        cmd += [f"--disc-center={_vector(payload['disc_center_lps'])}"]
+    if registry:
+        cmd += ["--registry", str(registry)]
+    return cmd
+
+
+# ---------------------------------------------------------------------------------------------- process
+class BackendProcess:
+    """One backend run. Poll it (``poll()``) from a timer, or block on ``wait()``.
+
+    >>> proc = BackendProcess(cmd); proc.start()
+    >>> while proc.isRunning(): events = proc.poll(); ...
+    """
+
+    STDERR_TAIL = 20
+
+    def __init__(self, command: Sequence[str], env: Optional[dict] = None, cwd: Optional[str] = None,
+                 onEvent: Optional[Callable[[dict], None]] = None):
+        self.command = [str(c) for c in command]
+        self.env = env
+        self.cwd = cwd
+        self.onEvent = onEvent
+        self.state = IDLE
+        self.returncode: Optional[int] = None
+        self.result: Optional[dict] = None  # the 'done' event
+        self.error: Optional[dict] = None  # the 'error' event
+        self.lastProgress: Optional[dict] = None
+        self.startTime: Optional[float] = None
+        self._proc: Optional[subprocess.Popen] = None
+        self._queue: "queue.Queue[dict]" = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stderrTail: deque = deque(maxlen=self.STDERR_TAIL)
+        self._cancelRequested = False
+        self._finalized = False
+
+    # -- lifecycle
+    def start(self) -> "BackendProcess":
+        if self.state != IDLE:
+            raise RuntimeError("a BackendProcess can only be started once")
+        kwargs = {}
+        if os.name == "posix":
+            kwargs["start_new_session"] = True  # own process group: cancel kills the whole tree
+        else:
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(
+                subprocess, "CREATE_NO_WINDOW", 0)
+        self.startTime = time.monotonic()
+        self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
+                                      encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self.state = RUNNING
+        for stream, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
+            t = threading.Thread(target=self._reader, args=(stream, name), daemon=True, name=f"spine-ldm-{name}")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def isRunning(self) -> bool:
+        return self.state == RUNNING
+
+    def elapsed(self) -> float:
+        return 0.0 if self.startTime is None else time.monotonic() - self.startTime
+
+    def _reader(self, stream, name: str) -> None:
+        try:
+            for line in iter(stream.readline, ""):
+                event = parseEventLine(line, name)
+                if name == "stderr" and line.strip():
+                    self._stderrTail.append(line.strip())
+                self._queue.put(event)
+        except (ValueError, OSError):  # stream closed by a kill
+            pass
+
+    # -- polling
+    def poll(self) -> list[dict]:
+        """Events since the last call; updates ``state`` (the final event is ``done``/``error``/``cancelled``)."""
+        events = []
+        while True:
+            try:
+                event = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            events.append(self._handle(event))
+        if self.state == RUNNING and self._proc is not None and self._proc.poll() is not None:
+            for t in self._threads:  # drain what the process wrote before exiting
+                t.join(timeout=1.0)
+            while True:
+                try:
+                    events.append(self._handle(self._queue.get_nowait()))
+                except queue.Empty:
+                    break
+            events += self._finalize(self._proc.returncode)
+        if self.onEvent:
+            for e in events:
+                self.onEvent(e)
+        return events
+
+    def _handle(self, event: dict) -> dict:
+        kind = event.get("event")
+        if kind == "progress":
+            self.lastProgress = event
+        elif kind == "done":
+            self.result = event
+        elif kind == "error":
+            self.error = event
+        return event
+
+    def _finalize(self, returncode: int) -> list[dict]:
+        if self._finalized:
+            return []
+        self._finalized = True
+        self.returncode = returncode
+        if self._cancelRequested or returncode == 130 or (self.error or {}).get("kind") == "cancelled":
+            self.state = CANCELLED
+            return [{"event": "cancelled", "message": "cancelled by the user"}]
+        if returncode == 0 and self.result is not None:
+            self.state = DONE
+            return []
+        self.state = FAILED
+        if self.error is None:
+            tail = self._stderrTail[-1] if self._stderrTail else "no output"
+            kind = EXIT_CODES.get(returncode, "error")
+            if returncode == 0:
+                message = "backend finished without reporting its outputs"
+            elif returncode is not None and returncode < 0:
+                message = f"backend was killed by signal {-returncode} ({tail})"
+            else:
+                message = f"backend exited with code {returncode} ({tail})"
+            self.error = {"event": "error", "kind": kind if kind != "ok" else "error", "message": message}
+            return [self.error]
+        return []
+
+    def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.05,
+             onEvent: Optional[Callable[[dict], None]] = None) -> str:
+        """Block until the run ends (or ``timeout``); returns the final state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for e in self.poll():
+                if onEvent:
+                    onEvent(e)
+            if self.state != RUNNING:
+                return self.state
+            if deadline is not None and time.monotonic() > deadline:
+                return self.state
+            time.sleep(pollInterval)
+
+    # -- cancel
+    def cancel(self, timeout: float = 2.0) -> bool:
+        """Kill the backend (SIGTERM, then SIGKILL) within ``timeout`` s; True when it is gone."""
+        if self._proc is None or self.state != RUNNING:
+            return True
+        self._cancelRequested = True
+        deadline = time.monotonic() + timeout
+        self._signal(terminate=True)
+        try:
+            self._proc.wait(timeout=max(0.05, min(0.5 * timeout, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            self._signal(terminate=False)
+            try:
+                self._proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+        self.poll()
+        return True
+
+    def _signal(self, terminate: bool) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            if os.name == "posix":
+                os.killpg(proc.pid, signal.SIGTERM if terminate else signal.SIGKILL)
+            elif terminate:
+                proc.terminate()
+            else:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+    def __del__(self):
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self._signal(terminate=False)
+        except Exception:
+            pass
