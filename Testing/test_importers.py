@@ -405,3 +405,33 @@ def test_support_table_counts():
     l45 = next(ln for ln in lines if ln.startswith("L4-L5")).split()
     assert l45 == ["L4-L5", "15", "5", "0", "0", "0", "20"]
     assert lines[-1].split() == ["total", "51", "5", "0", "0", "4", "60"]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def test_data_cli_import_support_and_errors(tmp_path, capsys):
+    from model_training.data import main
+
+    _write_spider(tmp_path / "spider")
+    out = tmp_path / "m.csv"
+    assert main(["import-spider", str(tmp_path / "spider"), "--out", str(out), "--t2-space", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "3 FSUs from 2 studies" in text and "skipped" in text and "DH-mod/large" in text
+    rows = read_manifest(out)
+    assert {r.study_id for r in rows} == {"spider-1", "spider-7"} and all(r.split for r in rows)
+    assert main(["support", str(out), "--require-landmark"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "support (all splits, with landmark)"
+    assert next(ln for ln in lines if ln.startswith("L4-L5")).split() == ["L4-L5", "1", "0", "1", "0", "0", "2"]
+    # --append keeps existing splits and replaces re-imported rows
+    before = {r.study_id: r.split for r in rows}
+    assert main(["import-spider", str(tmp_path / "spider"), "--out", str(out), "--append", "--seed", "99"]) == 0
+    capsys.readouterr()
+    rows2 = read_manifest(out)
+    assert len(rows2) == 3 and {r.study_id: r.split for r in rows2} == before
+    # a bad hand-written manifest: exit code 2 and a one-line message
+    bad = tmp_path / "bad.csv"
+    bad.write_text('study_id,image_path,level,disc_center_lps,condition\np1,x.nrrd,L9-L9,"1,2,3",none\n')
+    assert main(["import-manifest", str(bad), "--out", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bad.csv line 2 (study 'p1'), column 'level'") and "\n" not in err
+    assert not (tmp_path / "o.csv").exists()
