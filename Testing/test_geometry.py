@@ -323,7 +323,10 @@ def test_real_ivd11_disc_at_fsu_centre(shared_data):
     centre = discs["L4-L5"]["center_LPS_mm"]
     fsu = g.extract_fsu(img, centre, SPEC)
     np.testing.assert_allclose(np.asarray(fsu.GetDirection()).reshape(3, 3), CANON)
-    labels = sitk.GetArrayFromImage(sitk.Resample(lab, fsu, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    lab_fsu = g.extract_fsu(lab, centre, SPEC, interpolation="nearest")
+    assert lab_fsu.GetPixelID() == lab.GetPixelID()
+    assert lab_fsu.GetOrigin() == fsu.GetOrigin() and lab_fsu.GetDirection() == fsu.GetDirection()
+    labels = sitk.GetArrayFromImage(lab_fsu)
     assert np.all(labels[62:66, 30:34, 14:18] == 4)  # L4-L5 label around the FSU centre
     # the neighbouring discs are ~33 mm above / below (outside the 2 cm core, inside the FSU)
     assert 3 in labels[:40] and 5 in labels[88:]
@@ -368,3 +371,16 @@ def test_real_ivd11_disc_center_estimated_from_posterior_margin(shared_data):
         assert margin[1] > d["center_LPS_mm"][1] + 10  # the margin is posterior (LPS +y) of the centre
         est = g.estimate_disc_center(margin, "dh_small", img)
         assert np.linalg.norm(np.subtract(est, d["center_LPS_mm"])) < 7.0, level
+
+
+def test_paste_back_rejects_non_finite_fsu(make_volume):
+    img = _vol(make_volume, "identity", np.int16)
+    fsu = g.extract_fsu(img, CENTER, SPEC)
+    a = sitk.GetArrayFromImage(fsu)
+    a[64, 32, 16] = np.nan
+    bad = sitk.GetImageFromArray(a)
+    bad.CopyInformation(fsu)
+    with pytest.raises(InputError, match=r"inpainted FSU has \d+ NaN/Inf voxels in the blended region"):
+        g.paste_back(img, bad, CENTER, 16.0)
+    with pytest.raises(InputError, match="interpolation"):
+        g.extract_fsu(img, CENTER, SPEC, interpolation="cubic")

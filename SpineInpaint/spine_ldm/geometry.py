@@ -272,12 +272,15 @@ def check_point_inside(image: sitk.Image, point_lps, what: str = "landmark") -> 
 
 
 def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_lps=None,
-                min_inside: float = 0.5) -> sitk.Image:
+                min_inside: float = 0.5, interpolation: str = "linear") -> sitk.Image:
     """Resample the FSU around ``center_lps`` (float32, linear, outside = 0).
 
+    ``interpolation="nearest"`` (for label maps) keeps the input pixel type instead.
     Raises ``InputError`` when less than ``min_inside`` of the FSU voxels lie inside the
     volume, stating the fraction and how far (mm) the centre is outside / from the edge.
     """
+    if interpolation not in ("linear", "nearest"):
+        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     _require_3d(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is required")
@@ -292,6 +295,8 @@ def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_l
         raise InputError(
             f"only {frac * 100:.0f}% of the FSU ({spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm) "
             f"lies inside the volume (need {min_inside * 100:.0f}%): {where}")
+    if interpolation == "nearest":
+        return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
     return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
@@ -379,6 +384,9 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
             u = np.clip(_face_distance_mm(inpainted_fsu, ref) / float(edge_taper_mm), 0.0, 1.0)
             w = w * (u * u * (3.0 - 2.0 * u))
         mask = (w >= threshold) & _inside_mask(inpainted_fsu, ref)
+        n_bad = int(np.count_nonzero(~np.isfinite(inp[mask])))
+        if n_bad:
+            raise InputError(f"inpainted FSU has {n_bad} NaN/Inf voxels in the blended region; nothing was pasted")
         sl = (slice(start[2], stop[2]), slice(start[1], stop[1]), slice(start[0], stop[0]))
         block = out_arr[sl]
         orig_vals = block[mask].astype(np.float64)
