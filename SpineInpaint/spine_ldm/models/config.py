@@ -198,13 +198,15 @@ def _listify_dict(d: dict) -> dict:
 def validate_config(cfg: ModelConfig) -> None:
     ae, un = cfg.autoencoder, cfg.unet
     if len(cfg.fsu_shape) != 3 or len(cfg.fsu_size_mm) != 3:
-        raise ModelError(f"fsu_shape and fsu_size_mm need 3 entries (SI, AP, LR), got {cfg.fsu_shape}, {cfg.fsu_size_mm}")
+        raise ModelError(f"fsu_shape and fsu_size_mm need 3 entries (SI, AP, LR), got {cfg.fsu_shape}, "
+                         f"{cfg.fsu_size_mm}")
     if len(ae.channels) != len(ae.strides) or len(ae.channels) != len(ae.num_res_channels):
         raise ModelError(f"autoencoder channels {ae.channels}, num_res_channels {ae.num_res_channels} and strides "
                          f"{ae.strides} need the same length")
     for n, f in zip(cfg.fsu_shape, cfg.latent_factors):
         if n % f:
-            raise ModelError(f"fsu_shape {cfg.fsu_shape} is not divisible by the autoencoder factors {cfg.latent_factors}")
+            raise ModelError(f"fsu_shape {cfg.fsu_shape} is not divisible by the autoencoder factors "
+                             f"{cfg.latent_factors}")
     if len(un.channels) != len(un.attention_levels):
         raise ModelError(f"unet channels {un.channels} and attention_levels {un.attention_levels} differ in length")
     bad = [c for c in un.channels if c % un.norm_num_groups]
@@ -243,7 +245,8 @@ def load_config(name_or_path: str | Path | ModelConfig = "small", **overrides: A
     s = str(name_or_path)
     path = CONFIG_DIR / f"{s}.yaml" if (CONFIG_DIR / f"{s}.yaml").is_file() else Path(s)
     if not path.is_file():
-        raise ModelError(f"model config {s!r} not found; bundled: {', '.join(available_configs())}, or give a YAML path")
+        raise ModelError(f"model config {s!r} not found; bundled: {', '.join(available_configs())}, "
+                         "or give a YAML path")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
