@@ -20,11 +20,12 @@ What is imported, and how:
   binary and has **no small vs moderate/large distinction**: 1 maps to ``herniation_condition``
   (default ``dh_moderate_large``; pass ``"dh_small"`` to choose the other), 0 to ``none``. SPIDER has no
   stenosis grade, so no ``ccs_*`` rows come from it. A disc without a grading row is skipped (logged).
-* **Landmark** (SPIDER has no pathology coordinate; this one is *derived*): the **posterior disc margin at the
-  mid-sagittal level of the disc**. Take the disc voxels whose centres lie within half a slice of the disc
-  centre along the image's left-right axis and within ``si_band_mm`` (default 3 mm) of it along the image's
-  superior-inferior axis; among them, the voxels within half a voxel of the most posterior position along the
-  image's anterior-posterior axis; the landmark is the mean LPS position of those voxel centres. It is the
+* **Landmark** (SPIDER has no pathology coordinate; this one is *derived*): the **posterior disc margin in the
+  disc's mid-plane on the mid-sagittal slice**. Take the disc voxels whose centres lie within half a slice of
+  the disc centre along the image's left-right axis; their principal axes in the sagittal plane give the
+  disc's own AP axis ``u`` and normal ``v`` (:func:`disc_axes`; so the tilted L5-S1 disc is handled). Keep the
+  voxels within ``si_band_mm`` (default 3 mm) of the centre along ``v``, then those within half a voxel of the
+  most posterior position along ``u``; the landmark is the mean LPS position of those voxel centres. It is the
   natural seed of a posterior herniation (and is set for healthy discs too, as the point where a herniation
   could be inpainted). ``landmark="none"`` leaves it empty.
 """
@@ -98,15 +99,39 @@ def disc_geometry(mask: sitk.Image, label: int, *, si_band_mm: float = 3.0,
     lr_ax, ap_ax, si_ax = (hdr.axis_closest_to(v) for v in (LPS_LR, LPS_AP, LPS_SI))
     lr_tol = 0.5 * hdr.axis_spacing_closest_to(LPS_LR) + 1e-6
     band = np.abs(rel @ lr_ax) <= lr_tol
-    si_band = band & (np.abs(rel @ si_ax) <= max(si_band_mm, 0.5 * hdr.axis_spacing_closest_to(LPS_SI) + 1e-6))
-    sel = si_band if si_band.any() else band
-    if not sel.any():  # cannot happen for a centroid of a convex-ish blob, but be safe
-        sel = np.ones(len(pts), bool)
-    ap = rel[sel] @ ap_ax
-    ap_tol = 0.5 * hdr.axis_spacing_closest_to(LPS_AP) + 1e-6
-    post = pts[sel][ap >= ap.max() - ap_tol]
+    if not band.any():  # cannot happen for a centroid of a convex-ish blob, but be safe
+        band = np.ones(len(pts), bool)
+    u, v = disc_axes(rel[band], ap_ax, si_ax)
+    in_plane = max(hdr.axis_spacing_closest_to(LPS_AP), hdr.axis_spacing_closest_to(LPS_SI))
+    sel = band & (np.abs(rel @ v) <= max(si_band_mm, 0.5 * in_plane + 1e-6))
+    if not sel.any():
+        sel = band
+    a = rel[sel] @ u
+    post = pts[sel][a >= a.max() - (0.5 * in_plane + 1e-6)]
     landmark = post.mean(axis=0)
     return tuple(float(v) for v in centre), tuple(float(v) for v in landmark)
+
+
+def disc_axes(rel: np.ndarray, ap_ax: np.ndarray, si_ax: np.ndarray, *, min_elongation: float = 1.5,
+              max_tilt_deg: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """The disc's own (anterior->posterior, normal) axes in the sagittal plane from voxel offsets ``rel`` (N, 3).
+
+    Principal axes of the voxel positions projected on the image's (AP, SI) plane: the major axis (signed to point
+    posteriorly) is the disc's AP axis ``u``, the minor one its normal ``v``; so tilted discs (L5-S1) get their
+    posterior margin along their own plane, not along a horizontal line. Falls back to the image axes when the
+    blob is not elongated (major/minor spread < ``min_elongation``) or tilted more than ``max_tilt_deg``.
+    """
+    p2 = np.stack([rel @ ap_ax, rel @ si_ax], axis=1)
+    if len(p2) >= 3:
+        p2 = p2 - p2.mean(axis=0)
+        w, vecs = np.linalg.eigh(p2.T @ p2 / len(p2))
+        major = vecs[:, 1] * (1.0 if vecs[0, 1] >= 0 else -1.0)  # point posteriorly
+        tilt = np.degrees(np.arccos(np.clip(major[0], -1.0, 1.0)))
+        if w[0] > 0 and np.sqrt(w[1] / w[0]) >= min_elongation and tilt <= max_tilt_deg:
+            u = major[0] * ap_ax + major[1] * si_ax
+            v = -major[1] * ap_ax + major[0] * si_ax
+            return u / np.linalg.norm(u), v / np.linalg.norm(v)
+    return ap_ax, si_ax
 
 
 def find_series(root: str | os.PathLike, include_t2_space: bool = False) -> list[tuple[str, str, Path, Path]]:
@@ -187,4 +212,4 @@ def import_spider(root: str | os.PathLike, *, include_t2_space: bool = False,
     return rows
 
 
-__all__ = ["import_spider", "read_gradings", "disc_geometry", "find_series", "IVD_LEVELS"]
+__all__ = ["import_spider", "read_gradings", "disc_geometry", "disc_axes", "find_series", "IVD_LEVELS"]
