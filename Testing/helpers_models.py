@@ -118,3 +118,31 @@ def corrupt(path: str | Path, offset: int = -100) -> None:
     b = bytearray(p.read_bytes())
     b[offset] ^= 0xFF
     p.write_bytes(bytes(b))
+
+
+def make_test_volume(spacing=(4.0, 1.25, 1.25), extent_mm=(100.0, 120.0, 120.0), seed: int = 0, dtype="int16"):
+    """(image, landmark_lps, disc_centre_lps): a small sagittal-like volume (LPS; i = L->R, j = A->P,
+    k = S->I, like the real scans) of smooth random texture, with a slightly oblique direction so the FSU frame
+    is not axis-aligned. The disc centre is near the volume centre, the landmark 18 mm posterior of it.
+    Use the phantom (``spine_ldm.phantom``) for anatomy; this is for geometry and plumbing tests."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    size = [int(round(e / s)) for e, s in zip(extent_mm, spacing)]
+    arr = rng.normal(0.0, 1.0, size=size[::-1]).astype(np.float32)
+    img = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(arr), 1.5)
+    a = sitk.GetArrayFromImage(img)
+    a = (a - a.min()) / (a.max() - a.min()) * 1200.0 + 50.0
+    a = a.astype(np.dtype(dtype))
+    out = sitk.GetImageFromArray(a)
+    ang = np.deg2rad(8.0)  # 8 degrees in-plane tilt (sagittal plane)
+    rot = np.array([[1, 0, 0], [0, np.cos(ang), -np.sin(ang)], [0, np.sin(ang), np.cos(ang)]])
+    d = rot @ np.array([[-1.0, 0, 0], [0, 1.0, 0], [0, 0, -1.0]])
+    sp = np.asarray(spacing, dtype=float)
+    out.SetSpacing(tuple(float(v) for v in sp))
+    out.SetDirection(tuple(float(v) for v in d.reshape(-1)))
+    out.SetOrigin(tuple(float(v) for v in (np.array([3.0, -5.0, 12.0]) - (d * sp[None, :]) @ ((np.asarray(size) - 1) / 2.0))))
+    disc = tuple(float(v) for v in out.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in size]))
+    lm = (disc[0], disc[1] + 18.0, disc[2])
+    return out, lm, disc

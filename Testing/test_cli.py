@@ -1,0 +1,184 @@
+"""spine-ldm CLI end to end: ``python -m spine_ldm`` subprocesses (JSON-lines protocol, exit codes) and in-process
+``cli.main`` for the remaining error paths. Random-init small weights, 2 steps."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers_models import corrupt, make_model_zip, make_registry, make_test_volume
+from spine_ldm import cli
+from spine_ldm.geometry import lps_to_ras
+from spine_ldm.weighting import gaussian_weight
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    regp = make_registry(d / "reg")
+    img, lm, disc = make_test_volume()
+    p = d / "in.nrrd"
+    sitk.WriteImage(img, str(p))
+    return d, regp, p, lm, disc
+
+
+def _vec(v):
+    return ",".join(f"{x:.4f}" for x in v)
+
+
+def _run(args, env_extra=None, cwd=None):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run([sys.executable, "-m", "spine_ldm", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _events(stdout: str):
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_inpaint_json_protocol_outputs_and_far_field(setup, tmp_path):
+    d, regp, inp, lm, disc = setup
+    out = tmp_path / "res.nrrd"
+    r = _run(["inpaint", str(inp), "--landmark", _vec(lm), "--disc-center", _vec(disc), "--level", "L4-L5",
+              "--condition", "dh_moderate_large", "--samples", "2", "--seed", "5", "--steps", "2", "--device", "cpu",
+              "--registry", str(regp), "--out", str(out), "--progress", "json"])
+    assert r.returncode == 0, r.stderr
+    ev = _events(r.stdout)
+    assert ev[0]["event"] == "start" and ev[0]["samples"] == 2 and ev[0]["steps"] == 2 and ev[0]["device"] == "cpu"
+    prog = [e for e in ev if e["event"] == "progress"]
+    assert [e["step"] for e in prog] == list(range(1, len(prog) + 1)) and prog[-1]["step"] == prog[-1]["of"]
+    assert all(e["stage"] == "sample" for e in prog)
+    done = ev[-1]
+    assert done["event"] == "done" and done["nfe"] == 3
+    assert done["outputs"] == [str(tmp_path / "res_1.nrrd"), str(tmp_path / "res_2.nrrd")]
+    assert done["device"].startswith("cpu") and done["seconds"] > 0 and done["peak_memory_mb"] > 0
+    assert done["provenance"]["seed"] == 5 and [p["seed"] for p in done["provenances"]] == [5, 6]
+    src = sitk.ReadImage(str(inp))
+    a_in = sitk.GetArrayFromImage(src)
+    far = gaussian_weight(src, lm, 16.0) < 1e-3
+    for k, path in enumerate(done["outputs"]):
+        o = sitk.ReadImage(path)
+        for f in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection", "GetPixelID"):
+            assert getattr(o, f)() == getattr(src, f)(), f
+        a = sitk.GetArrayFromImage(o)
+        np.testing.assert_array_equal(a[far], a_in[far])
+        assert not np.array_equal(a, a_in)
+        assert o.GetMetaData("spine_ldm_seed") == str(5 + k)
+        assert o.GetMetaData("spine_ldm_model_id") == "demo-small-weighted"
+        assert json.loads(o.GetMetaData("spine_ldm_landmark_lps")) == pytest.approx(list(lm), abs=1e-3)
+
+
+def test_corrupt_weights_error_json_and_exit_code(setup, tmp_path):
+    d, _, inp, lm, disc = setup
+    regp = make_registry(tmp_path / "r")
+    data = json.loads(regp.read_text())
+    unet = regp.parent / data["models"][0]["files"]["unet"]["path"]
+    corrupt(unet)
+    out = tmp_path / "x.nrrd"
+    r = _run(["inpaint", str(inp), "--landmark", _vec(lm), "--level", "L4-L5", "--condition", "dh_small",
+              "--steps", "2", "--device", "cpu", "--out", str(out), "--progress", "json"],
+             env_extra={"SPINE_LDM_REGISTRY": str(regp)})
+    assert r.returncode == 3
+    err = _events(r.stdout)[-1]
+    assert err["event"] == "error" and err["kind"] == "model"
+    assert f"weights file {unet.resolve()} sha256 mismatch: expected " in err["message"]
+    assert r.stderr.strip().splitlines() == [f"spine-ldm: error: {err['message']}"]  # one line, no traceback
+    assert not out.exists()
+    # models verify reports it too (exit 3)
+    v = _run(["models", "--registry", str(regp), "verify", "demo-small-weighted"])
+    assert v.returncode == 3 and "unet: corrupt" in v.stdout and "autoencoder: ok" in v.stdout
+
+
+def _main(argv, capsys):
+    rc = cli.main(argv)
+    c = capsys.readouterr()
+    return rc, c.out, c.err
+
+
+@pytest.mark.parametrize("change, code, message", [
+    ({"--condition": "tumour"}, 2, "unknown condition 'tumour'"),
+    ({"--level": "L6-L7"}, 2, "unknown level 'L6-L7'"),
+    ({"--landmark": "0,900,0"}, 2, "LPS is"),
+    ({"image": "missing.nrrd"}, 2, "does not exist"),
+    ({"image": "nan.nrrd"}, 2, "NaN"),
+    ({"--device": "cuda:7"} if not __import__("torch").cuda.is_available() else {"--device": "tpu"}, 4, "device"),
+    ({"--model": "no-such-model"}, 3, "unknown model 'no-such-model'"),
+    ({"--samples": "0"}, 2, "--samples must be >= 1"),
+    ({"--landmark": "1,2"}, 2, "--landmark must be 3"),
+])
+def test_error_paths(setup, tmp_path, capsys, change, code, message):
+    d, regp, inp, lm, disc = setup
+    nan = tmp_path / "nan.nrrd"
+    img = sitk.ReadImage(str(inp), sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(img)
+    a[3, 4, 5] = np.nan
+    bad = sitk.GetImageFromArray(a)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(nan))
+    args = {"image": str(inp), "--landmark": _vec(lm), "--level": "L4-L5", "--condition": "dh_small"}
+    args.update(change)
+    if args["image"] in ("missing.nrrd", "nan.nrrd"):
+        args["image"] = str(tmp_path / args["image"])
+    out = tmp_path / "o.nrrd"
+    argv = ["inpaint", args.pop("image"), *[x for kv in args.items() for x in kv], "--steps", "1",
+            "--registry", str(regp), "--out", str(out), "--progress", "json"]
+    rc, so, se = _main(argv, capsys)
+    assert rc == code, (so, se)
+    err = _events(so)[-1]
+    assert err["event"] == "error" and message in err["message"]
+    assert se.count("\n") == 1 and se.startswith("spine-ldm: error: ") and message in se
+    assert not out.exists()
+
+
+def test_ras_and_lps_landmarks_agree(setup, tmp_path, capsys):
+    d, regp, inp, lm, disc = setup
+    common = ["--level", "L4-L5", "--condition", "ccs_severe", "--steps", "1", "--seed", "2", "--device", "cpu",
+              "--registry", str(regp), "--progress", "none"]
+    rc1, so1, _ = _main(["inpaint", str(inp), "--landmark", _vec(lm), "--disc-center", _vec(disc), *common,
+                         "--out", str(tmp_path / "lps.nrrd")], capsys)
+    ras, dras = lps_to_ras(lm), lps_to_ras(disc)
+    rc2, so2, _ = _main(["inpaint", str(inp), "--coords", "ras", "--landmark", _vec(ras), "--disc-center",
+                         _vec(dras), *common, "--out", str(tmp_path / "ras.nrrd")], capsys)
+    assert rc1 == rc2 == 0
+    assert so1.strip() == str(tmp_path / "lps.nrrd") and so2.strip() == str(tmp_path / "ras.nrrd")
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lps.nrrd")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ras.nrrd")))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_negative_vector_argument_is_accepted():
+    assert cli._fix_negative_vectors(["--landmark", "-1.5,2,3", "--seed", "-1"]) == \
+        ["--landmark=-1.5,2,3", "--seed", "-1"]
+
+
+def test_models_list_import_and_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPINE_LDM_CACHE", str(tmp_path / "cache"))
+    regp = make_registry(tmp_path / "reg")
+    rc, so, _ = _main(["models", "--registry", str(regp), "list", "--json"], capsys)
+    assert rc == 0 and [m["id"] for m in json.loads(so)] == ["demo-small-weighted", "demo-small-masked",
+                                                             "demo-small-full"]
+    zp = make_model_zip(tmp_path / "m.zip", model_id="zipped")
+    rc, so, _ = _main(["models", "import", str(zp)], capsys)
+    assert rc == 0 and "imported zipped" in so
+    rc, so, _ = _main(["models", "--registry", str(regp), "list"], capsys)
+    assert rc == 0 and so.splitlines()[-1].startswith("zipped")
+    rc, so, se = _main(["models", "import", str(zp)], capsys)
+    assert rc == 3 and "already imported" in se
+
+
+def test_demo_without_registered_weights_is_a_model_error(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "Models.json"
+    empty.write_text('{"version": 1, "models": []}')
+    rc, so, se = _main(["demo", "--registry", str(empty), "--out", str(tmp_path / "demo"), "--progress", "none"],
+                       capsys)
+    assert rc == 3 and "demo weights are not registered" in se
