@@ -202,7 +202,7 @@ class RemoteJob:
                         outputs.append(self.client.result(self.jobId, k,
                                                           os.path.join(self.outputDir, f"sample_{k}.nrrd")))
                     done = {"event": "done", "outputs": outputs, "remote": self.client.url}
-                    for key in ("provenance", "nfe", "seconds", "device", "peak_memory_mb"):
+                    for key in ("provenance", "provenances", "nfe", "seconds", "device", "peak_memory_mb"):
                         if key in st:
                             done[key] = st[key]
                     self._emit(done)

@@ -1,0 +1,513 @@
+"""HTTP backend: ``spine-ldm serve`` (FastAPI + uvicorn) around :func:`spine_ldm.pipeline.inpaint`.
+
+For running the heavy part on a GPU machine while 3D Slicer runs on a laptop (``SpineInpaintLib/remote.py`` is
+the client; the panel's "Remote backend" section points at it).
+
+Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``; 401 otherwise)::
+
+    GET    /health                  {"status": "ok", "version", "queued", "running"}
+    GET    /models                  {"models": [{"id", "method", "config", "description", "status", ...}]}
+    POST   /jobs                    multipart: image=<NRRD/NIfTI/MHA file>, params=<JSON> -> 202 {"id", "status"}
+    GET    /jobs/{id}               {"id", "status": queued|running|done|error|cancelled, "step", "of", "stage",
+                                     "position", "outputs", "error": {"kind", "message"}, "provenance", ...}
+    GET    /jobs/{id}/result/{k}    NRRD of sample k (0-based), the same bytes ``spine-ldm inpaint`` writes
+    DELETE /jobs/{id}               cancel a queued/running job, or forget a finished one (deletes its files)
+
+``params`` are :func:`~spine_ldm.pipeline.inpaint` keyword arguments: ``landmark_lps`` (LPS mm), ``level``,
+``condition`` (required), ``method``, ``samples``, ``seed``, ``steps``, ``sigma_mm``, ``device``, ``model`` (a
+registry id only: clients cannot make the server load files), ``disc_center_lps``. Unknown keys are refused (422).
+
+Safety: bearer token compared in constant time (one is generated and printed when none is given); requests larger
+than ``max_request_mb`` get 413 (checked on ``Content-Length`` and again while streaming); one worker thread runs
+jobs one at a time from a bounded queue (503 when full); finished jobs are kept for ``RESULT_TTL_S`` or until
+``MAX_FINISHED`` newer ones exist. The server speaks plain HTTP: bind it to 127.0.0.1 (default) and reach it
+through an SSH tunnel, or put an HTTPS reverse proxy in front of it.
+"""
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import __version__
+from .conditions import parse_condition, parse_level
+from .errors import CancelledError, SpineLDMError
+
+log = logging.getLogger("spine_ldm.server")
+
+MAX_QUEUE = 16
+MAX_FINISHED = 32
+RESULT_TTL_S = 3600.0
+ALLOWED_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
+PARAM_KEYS = {"landmark_lps", "level", "condition", "method", "samples", "seed", "steps", "sigma_mm", "device",
+              "model", "disc_center_lps"}
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class ParamError(ValueError):
+    pass
+
+
+def validate_params(params: Any) -> dict:
+    """Checked copy of the job parameters (ParamError with a one-line message otherwise)."""
+    if not isinstance(params, dict):
+        raise ParamError("params must be a JSON object")
+    unknown = set(params) - PARAM_KEYS
+    if unknown:
+        raise ParamError(f"unknown parameter(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(PARAM_KEYS))}")
+    for key in ("landmark_lps", "level", "condition"):
+        if key not in params:
+            raise ParamError(f"missing parameter {key!r}")
+    out = dict(params)
+
+    def vec(key):
+        v = out[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise ParamError(f"{key} must be a list of 3 numbers (LPS mm), got {v!r}")
+        out[key] = [float(x) for x in v]
+
+    vec("landmark_lps")
+    if out.get("disc_center_lps") is not None:
+        vec("disc_center_lps")
+    try:
+        out["level"], out["condition"] = parse_level(out["level"]), parse_condition(out["condition"])
+    except SpineLDMError as e:
+        raise ParamError(str(e)) from None
+    for key in ("samples", "seed", "steps"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
+            raise ParamError(f"{key} must be an integer, got {out[key]!r}")
+    if "sigma_mm" in out and not isinstance(out["sigma_mm"], (int, float)):
+        raise ParamError(f"sigma_mm must be a number, got {out['sigma_mm']!r}")
+    if out.get("model") is not None and (not isinstance(out["model"], str) or not _MODEL_ID.match(out["model"])):
+        raise ParamError(f"model must be a registry id (letters, digits, '.', '_', '-'), got {out['model']!r}")
+    if "device" in out and (not isinstance(out["device"], str) or not _DEVICES.match(out["device"])):
+        raise ParamError(f"device must be auto, cpu, cuda, cuda:N or mps, got {out['device']!r}")
+    if "method" in out and out["method"] not in ("weighted", "masked", "repaint"):
+        raise ParamError(f"method must be weighted, masked or repaint, got {out['method']!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    id: str
+    params: dict
+    workdir: str
+    input_path: str
+    status: str = "queued"  # queued | running | done | error | cancelled
+    step: int = 0
+    of: int = 0
+    stage: str = ""
+    error: Optional[dict] = None
+    outputs: list = field(default_factory=list)
+    provenance: Optional[dict] = None
+    provenances: list = field(default_factory=list)
+    nfe: Optional[int] = None
+    seconds: Optional[float] = None
+    device: Optional[str] = None
+    peak_memory_mb: Optional[float] = None
+    created: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def public(self, position: Optional[int] = None) -> dict:
+        d = {"id": self.id, "status": self.status, "step": self.step, "of": self.of, "stage": self.stage,
+             "outputs": len(self.outputs), "created": self.created, "finished": self.finished,
+             "params": self.params}
+        if position is not None:
+            d["position"] = position
+        if self.error:
+            d["error"] = self.error
+        if self.status == "done":
+            d.update(provenance=self.provenance, provenances=self.provenances, nfe=self.nfe, seconds=self.seconds,
+                     device=self.device, peak_memory_mb=self.peak_memory_mb)
+        return d
+
+
+def _default_runner(*args, **kwargs):
+    from .pipeline import inpaint
+
+    return inpaint(*args, **kwargs)
+
+
+class JobManager:
+    """Bounded queue + one worker thread (a GPU runs one diffusion job at a time)."""
+
+    def __init__(self, runner: Optional[Callable] = None, registry=None, root: Optional[str] = None):
+        self.runner = runner or _default_runner
+        self.registry = registry
+        self.root = root or tempfile.mkdtemp(prefix="spine-ldm-server-")
+        self.jobs: dict[str, Job] = {}
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+        self.queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.worker = threading.Thread(target=self._work, daemon=True, name="spine-ldm-worker")
+        self.worker.start()
+
+    # -- API
+    def new_workdir(self) -> tuple[str, str]:
+        jid = uuid.uuid4().hex
+        wd = os.path.join(self.root, jid)
+        os.makedirs(wd)
+        return jid, wd
+
+    def submit(self, jid: str, workdir: str, input_path: str, params: dict) -> Job:
+        with self.lock:
+            if self.queued_count() >= MAX_QUEUE:
+                raise OverflowError(f"queue full ({MAX_QUEUE} jobs waiting)")
+            job = Job(id=jid, params=params, workdir=workdir, input_path=input_path)
+            self.jobs[jid] = job
+            self.order.append(jid)
+        self.queue.put(jid)
+        return job
+
+    def get(self, jid: str) -> Optional[Job]:
+        with self.lock:
+            self._prune()
+            return self.jobs.get(jid)
+
+    def position(self, job: Job) -> Optional[int]:
+        if job.status != "queued":
+            return None
+        with self.lock:
+            waiting = [j for j in self.order if self.jobs.get(j) and self.jobs[j].status == "queued"]
+        return waiting.index(job.id) if job.id in waiting else None
+
+    def queued_count(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.status == "queued")
+
+    def running(self) -> bool:
+        return any(j.status == "running" for j in self.jobs.values())
+
+    def cancel(self, jid: str) -> Optional[str]:
+        """Cancel (queued/running) or forget (finished). Returns the resulting status, None if unknown."""
+        with self.lock:
+            job = self.jobs.get(jid)
+            if job is None:
+                return None
+            if job.status == "queued":
+                job.cancel_event.set()
+                self._finish(job, "cancelled")
+                return "cancelled"
+            if job.status == "running":
+                job.cancel_event.set()
+                return "cancelling"
+            self._forget(jid)
+            return "deleted"
+
+    def shutdown(self) -> None:
+        for job in list(self.jobs.values()):
+            job.cancel_event.set()
+        self.queue.put(None)
+        self.worker.join(timeout=5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- internals
+    def _finish(self, job: Job, status: str, error: Optional[dict] = None) -> None:
+        job.status = status
+        job.error = error
+        job.finished = time.time()
+        if status != "done":
+            shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def _forget(self, jid: str) -> None:
+        job = self.jobs.pop(jid, None)
+        if jid in self.order:
+            self.order.remove(jid)
+        if job is not None:
+            shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def _prune(self) -> None:
+        now = time.time()
+        finished = [j for j in self.order if self.jobs[j].finished is not None]
+        for jid in finished:
+            if now - self.jobs[jid].finished > RESULT_TTL_S:
+                self._forget(jid)
+        finished = [j for j in self.order if j in self.jobs and self.jobs[j].finished is not None]
+        for jid in finished[: max(0, len(finished) - MAX_FINISHED)]:
+            self._forget(jid)
+
+    def _work(self) -> None:
+        while True:
+            jid = self.queue.get()
+            if jid is None:
+                return
+            with self.lock:
+                job = self.jobs.get(jid)
+                if job is None or job.status != "queued":
+                    continue
+                job.status = "running"
+            self._run(job)
+            with self.lock:
+                self._prune()
+
+    def _run(self, job: Job) -> None:
+        from .pipeline import write_outputs
+
+        def progress(step, total):
+            job.step, job.of, job.stage = int(step), int(total), "sample"
+
+        kwargs = dict(job.params)
+        landmark = kwargs.pop("landmark_lps")
+        level, condition = kwargs.pop("level"), kwargs.pop("condition")
+        try:
+            result = self.runner(job.input_path, landmark, level, condition, progress=progress,
+                                 cancel=job.cancel_event.is_set, registry=self.registry, **kwargs)
+            if job.cancel_event.is_set():
+                raise CancelledError("cancelled by the client")
+            paths = write_outputs(result, os.path.join(job.workdir, "sample.nrrd"))
+        except CancelledError:
+            with self.lock:
+                self._finish(job, "cancelled")
+            return
+        except SpineLDMError as e:
+            with self.lock:
+                self._finish(job, "error", {"kind": e.kind, "message": _one_line(e)})
+            return
+        except Exception as e:  # noqa: BLE001 - one line to the client, traceback in the server log
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            with self.lock:
+                self._finish(job, "error", {"kind": "error",
+                                            "message": f"internal error ({type(e).__name__}): {_one_line(e)}"})
+            return
+        with self.lock:
+            job.outputs = [str(p) for p in paths]
+            job.provenance = result.provenance
+            job.provenances = list(result.provenances or [result.provenance])
+            job.nfe, job.seconds = int(result.nfe), round(float(result.seconds), 3)
+            job.device, job.peak_memory_mb = str(result.device), round(float(result.peak_memory_mb), 1)
+            try:
+                os.remove(job.input_path)
+            except OSError:
+                pass
+            self._finish(job, "done")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------- app
+class _TooLarge(Exception):
+    pass
+
+
+class SizeLimitMiddleware:
+    """413 for bodies over the limit: on Content-Length up front, and while streaming (chunked uploads)."""
+
+    def __init__(self, app, max_mb: float):
+        self.app = app
+        self.max_mb = float(max_mb)
+        self.max_bytes = int(self.max_mb * 2 ** 20)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        return await self._reject(send, int(value))
+                except ValueError:
+                    return await self._reject(send, None, status=400, message="invalid Content-Length")
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send, seen)
+
+    async def _reject(self, send, size, status=413, message=None):
+        if message is None:
+            got = f"{size / 2 ** 20:.3g} MB" if size is not None else "more"
+            message = f"request body too large: {got} > limit {self.max_mb:g} MB (server option --max-request-mb)"
+        body = json.dumps({"detail": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _models_payload(registry) -> list:
+    from . import registry as reg
+
+    out = []
+    for entry in reg.list_models(registry):
+        d = entry.summary()
+        d.pop("source", None)
+        statuses = {name: s.status for name, s in reg.verify(entry).items()}
+        d["files"] = statuses
+        d["sha256"] = {name: f.sha256 for name, f in entry.files.items()}
+        d["status"] = "ok" if all(s == "ok" for s in statuses.values()) else \
+            next(s for s in ("corrupt", "missing", "not downloaded") if s in statuses.values())
+        out.append(d)
+    return out
+
+
+def create_app(token: str, registry=None, max_request_mb: float = 512, runner: Optional[Callable] = None):
+    """The FastAPI app (tests use it with ``fastapi.testclient.TestClient``). ``runner`` replaces
+    :func:`spine_ldm.pipeline.inpaint` (same signature, returns an ``InpaintResult``)."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse
+
+    if not token:
+        raise ValueError("create_app needs a non-empty token")
+    expected = token.encode("utf-8")
+    manager = JobManager(runner=runner, registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        manager.shutdown()
+
+    app = FastAPI(title="SpineInpaint backend", version=__version__, lifespan=lifespan,
+                  description="Inpaint lumbar-spine pathology into sagittal T2 MRI (spine_ldm).")
+    app.state.manager = manager
+    app.add_middleware(SizeLimitMiddleware, max_mb=float(max_request_mb))
+
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), expected):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_token)]
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "version": __version__, "queued": manager.queued_count(),
+                "running": manager.running()}
+
+    @app.get("/models", dependencies=auth)
+    def models():
+        try:
+            return {"models": _models_payload(registry)}
+        except SpineLDMError as e:
+            raise HTTPException(status_code=500, detail=_one_line(e))
+
+    @app.post("/jobs", dependencies=auth, status_code=202)
+    async def submit(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise HTTPException(status_code=415, detail="POST /jobs needs multipart/form-data (image file + params)")
+        form = await request.form()
+        try:
+            upload, params_text = form.get("image"), form.get("params")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPException(status_code=422, detail="missing file field 'image' (the input volume)")
+            if params_text is None:
+                raise HTTPException(status_code=422, detail="missing field 'params' (JSON)")
+            if hasattr(params_text, "read"):
+                params_text = (await params_text.read()).decode("utf-8")
+            try:
+                params = validate_params(json.loads(params_text))
+            except ValueError as e:  # JSON errors and ParamError
+                raise HTTPException(status_code=422, detail=f"invalid params: {_one_line(e)}")
+            filename = os.path.basename(upload.filename or "input.nrrd").lower()
+            suffix = next((s for s in ALLOWED_SUFFIXES if filename.endswith(s)), ".nrrd")
+            if suffix in (".nhdr", ".mhd"):
+                raise HTTPException(status_code=422, detail=f"{suffix} headers need a separate data file: "
+                                                            "upload a single-file .nrrd, .nii(.gz) or .mha")
+            jid, workdir = manager.new_workdir()
+            input_path = os.path.join(workdir, "input" + suffix)
+            with open(input_path, "wb") as f:
+                while True:
+                    chunk = await upload.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+        finally:
+            await form.close()
+        try:
+            job = manager.submit(jid, workdir, input_path, params)
+        except OverflowError as e:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise HTTPException(status_code=503, detail=str(e), headers={"Retry-After": "30"})
+        return {"id": job.id, "status": job.status, "position": manager.position(job)}
+
+    def _job(jid: str) -> Job:
+        job = manager.get(jid)
+        if job is None:
+            raise HTTPException(status_code=404, detail=f"no job {jid!r} (finished jobs are kept "
+                                                        f"{RESULT_TTL_S / 60:.0f} min)")
+        return job
+
+    @app.get("/jobs/{jid}", dependencies=auth)
+    def status(jid: str):
+        job = _job(jid)
+        return job.public(position=manager.position(job))
+
+    @app.get("/jobs/{jid}/result/{k}", dependencies=auth)
+    def result(jid: str, k: int):
+        job = _job(jid)
+        if job.status != "done":
+            raise HTTPException(status_code=409, detail=f"job {jid} is {job.status}, not done")
+        if not 0 <= k < len(job.outputs):
+            raise HTTPException(status_code=404, detail=f"job {jid} has {len(job.outputs)} output(s), no {k}")
+        path = job.outputs[k]
+        return FileResponse(path, media_type="application/octet-stream", filename=f"sample_{k}" +
+                            (".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]))
+
+    @app.delete("/jobs/{jid}", dependencies=auth)
+    def cancel(jid: str):
+        state = manager.cancel(jid)
+        if state is None:
+            raise HTTPException(status_code=404, detail=f"no job {jid!r}")
+        return {"id": jid, "status": state}
+
+    @app.exception_handler(SpineLDMError)
+    async def _spine_error(request, exc):  # pragma: no cover - endpoints convert errors themselves
+        return JSONResponse(status_code=400, content={"detail": _one_line(exc), "kind": exc.kind})
+
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None, registry=None,
+          max_request_mb: float = 512) -> None:
+    """Run the server (blocking). Without ``token`` a random one is generated and printed once."""
+    import uvicorn
+
+    if not token:
+        token = secrets.token_urlsafe(32)
+        sys.stderr.write(f"spine-ldm serve: no --token given; clients must send this one:\n{token}\n")
+        sys.stderr.flush()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"spine-ldm serve: listening on {host}: plain HTTP, use a TLS reverse proxy or an SSH "
+                         "tunnel on untrusted networks\n")
+    logging.basicConfig(level=logging.INFO)
+    app = create_app(token, registry=registry, max_request_mb=max_request_mb)
+    uvicorn.run(app, host=host, port=int(port), log_level="info")
