@@ -1,0 +1,294 @@
+"""Inpainting samplers (oracle accuracy, nfe, bit-identity, reproducibility, cancel/progress) and training losses."""
+import pytest
+import torch
+
+from spine_ldm.diffusion import (NoiseSchedule, diffusion_loss, expected_nfe, sample_full, sample_masked,
+                                 sample_repaint, sample_weighted, unet_model_fn)
+from spine_ldm.errors import CancelledError, InputError
+
+SHAPE = (2, 3, 8, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return NoiseSchedule()
+
+
+@pytest.fixture
+def x0():
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def make_oracle(sched, x0):
+    def fn(x, t_global, t_voxel):
+        assert t_global.shape == (x.shape[0],) and t_voxel.shape == (x.shape[0], 1, *x.shape[2:])
+        a = sched.abar(t_voxel, dtype=torch.float64)
+        e = (x.double() - a.sqrt() * x0.double()) / (1 - a).clamp_min(1e-30).sqrt()
+        return torch.where(t_voxel == 0, torch.zeros_like(e), e).to(x.dtype)
+    return fn
+
+
+def toy_model(x, t_global, t_voxel):
+    """A deterministic, imperfect noise predictor: outputs depend on the sampler's noise."""
+    return 0.5 * torch.tanh(x) + 1e-4 * t_voxel.to(x.dtype)
+
+
+def smooth_weight(shape=SHAPE, peak=(4, 4, 2), sigma=2.0):
+    sp = shape[2:]
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in sp], indexing="ij")
+    d2 = sum((g - c) ** 2 for g, c in zip(grids, peak))
+    W = torch.exp(-d2 / (2 * sigma ** 2))
+    return W.reshape(1, 1, *sp).expand(shape[0], 1, *sp).clone()
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+def test_weighted_oracle_and_bit_identity(sched, x0, sampler):
+    W = smooth_weight()
+    W[:, :, 0, 0, 0] = 0.0
+    W[:, :, 0, 0, 1] = 0.0004           # rounds to t_v = 0 at T = 1000
+    out, info = sample_weighted(make_oracle(sched, x0), x0, W, steps=50, sampler=sampler, generator=1,
+                                schedule=sched)
+    assert info["nfe"] == (51 if sampler == "plms" else 50) == expected_nfe(sampler, 50)
+    assert info["method"] == "weighted" and info["timesteps"][0] == 1000
+    assert float((out - x0).abs().max()) < 1e-3
+    zero = (sched.weighted_timesteps(W, 1000) == 0).expand_as(x0)
+    assert zero.sum() >= 2 * 3 * 2 and torch.equal(out[zero], x0[zero])
+    # with an imperfect model too: W = 0 voxels are bit-identical, the others change
+    out2, _ = sample_weighted(toy_model, x0, W, steps=10, sampler=sampler, generator=2, schedule=sched)
+    assert torch.equal(out2[zero], x0[zero])
+    assert (out2[~zero] - x0[~zero]).abs().max() > 1e-2
+
+
+def test_weighted_stalled_voxels_keep_value_exactly(sched, x0):
+    """Voxels with W = 0.001 have t_v = 1 for t >= 500 and 0 below: they must not change (bit for bit) before."""
+    W = torch.full((2, 1, 8, 8, 4), 0.001)
+    W[:, :, 5, 5, 2] = 1.0
+    seen = []
+
+    def rec(x, tg, tv):
+        seen.append((int(tg[0]), x[:, :, :4].clone(), tv[:, :, :4].clone()))
+        return toy_model(x, tg, tv)
+
+    for sampler in ("ddim", "plms"):
+        seen.clear()
+        sample_weighted(rec, x0, W, steps=50, sampler=sampler, generator=0, schedule=sched)
+        before = [x for t, x, _ in seen if t >= 500]
+        assert all(bool((tv == 1).all()) for t, _, tv in seen if t >= 500)
+        assert all(bool((tv == 0).all()) for t, _, tv in seen if t < 500)
+        assert len(before) >= 26 and all(torch.equal(b, before[0]) for b in before)   # 2*3*4*8*4 voxels
+        assert not torch.equal(seen[-1][1], before[0])                                # ... and they do move later
+
+
+def test_weighted_reproducible_and_seed_dependent(sched, x0):
+    W = smooth_weight()
+    a, _ = sample_weighted(toy_model, x0, W, steps=8, generator=torch.Generator().manual_seed(5), schedule=sched)
+    b, _ = sample_weighted(toy_model, x0, W, steps=8, generator=torch.Generator().manual_seed(5), schedule=sched)
+    c, _ = sample_weighted(toy_model, x0, W, steps=8, generator=torch.Generator().manual_seed(6), schedule=sched)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+    d, _ = sample_weighted(toy_model, x0, W, steps=8, generator=5, schedule=sched)   # int seed == Generator seed
+    assert torch.equal(a, d)
+
+
+def test_masked_sampler(sched, x0):
+    roi = smooth_weight() > 0.1
+    out, info = sample_masked(make_oracle(sched, x0), x0, roi, steps=50, generator=0, schedule=sched)
+    assert info["method"] == "masked" and info["nfe"] == 51
+    assert float((out - x0).abs().max()) < 1e-3
+    outside = (~roi).expand_as(x0)
+    out2, _ = sample_masked(toy_model, x0, roi.float(), steps=5, generator=0, schedule=sched)
+    assert torch.equal(out2[outside], x0[outside])
+    assert (out2[~outside] - x0[~outside]).abs().max() > 1e-2
+    # the masked sampler is the weighted sampler with W := roi
+    ref, _ = sample_weighted(toy_model, x0, roi.float(), steps=5, generator=0, schedule=sched)
+    assert torch.equal(out2, ref)
+    with pytest.raises(InputError, match="boolean"):
+        sample_masked(toy_model, x0, smooth_weight(), steps=5, schedule=sched)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_repaint_oracle_nfe_and_outside(sched, x0, sampler):
+    roi = smooth_weight() > 0.3
+    out, info = sample_repaint(make_oracle(sched, x0), x0, roi, steps=50, jump_length=10, jump_n_sample=10,
+                               sampler=sampler, generator=0, schedule=sched)
+    assert info["nfe"] == 410 == 50 + 9 * 10 * 4 == expected_nfe("ddpm", 50, 10, 10, repaint=True)
+    assert float((out - x0).abs().max()) < 1e-3
+    outside = (~roi).expand_as(x0)
+    out2, info2 = sample_repaint(toy_model, x0, roi, steps=20, jump_length=5, jump_n_sample=2, sampler=sampler,
+                                 generator=0, schedule=sched)
+    assert info2["nfe"] == 20 + 1 * 5 * 3
+    assert torch.equal(out2[outside], x0[outside])
+    assert (out2[~outside] - x0[~outside]).abs().max() > 1e-2
+    _, info3 = sample_repaint(toy_model, x0, roi, steps=12, jump_n_sample=1, generator=0, schedule=sched)
+    assert info3["nfe"] == 12
+
+
+def test_repaint_reproducible(sched, x0):
+    roi = smooth_weight() > 0.3
+    kw = dict(steps=10, jump_length=3, jump_n_sample=2, schedule=sched)
+    a, _ = sample_repaint(toy_model, x0, roi, generator=3, **kw)
+    b, _ = sample_repaint(toy_model, x0, roi, generator=3, **kw)
+    c, _ = sample_repaint(toy_model, x0, roi, generator=4, **kw)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+def test_full_oracle(sched, x0, sampler):
+    out, info = sample_full(make_oracle(sched, x0), SHAPE, steps=50, sampler=sampler, generator=0, schedule=sched)
+    assert float((out - x0).abs().max()) < 1e-3 and info["method"] == "full"
+    assert info["nfe"] == (51 if sampler == "plms" else 50)
+    _, info1 = sample_full(toy_model, SHAPE, steps=1, sampler="plms", generator=0, schedule=sched)
+    assert info1["nfe"] == 1
+
+
+def test_ddim_eta_is_stochastic(sched, x0):
+    W = smooth_weight()
+    a, _ = sample_weighted(toy_model, x0, W, steps=6, sampler="ddim", eta=1.0, generator=1, schedule=sched)
+    b, _ = sample_weighted(toy_model, x0, W, steps=6, sampler="ddim", eta=0.0, generator=1, schedule=sched)
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(InputError, match="eta"):
+        sample_weighted(toy_model, x0, W, steps=6, sampler="plms", eta=1.0, schedule=sched)
+
+
+def test_progress_and_cancel(sched, x0):
+    calls = []
+    sample_weighted(toy_model, x0, smooth_weight(), steps=5, progress=lambda s, n: calls.append((s, n)),
+                    schedule=sched)
+    assert calls == [(i, 6) for i in range(1, 7)]
+    calls.clear()
+    with pytest.raises(CancelledError, match="step 3 of 50"):
+        sample_weighted(toy_model, x0, smooth_weight(), steps=50, sampler="ddim",
+                        progress=lambda s, n: calls.append(s), cancel=lambda: len(calls) >= 3, schedule=sched)
+    assert len(calls) == 3
+    with pytest.raises(CancelledError):
+        sample_repaint(toy_model, x0, smooth_weight() > 0.5, steps=10, cancel=lambda: True, schedule=sched)
+    with pytest.raises(CancelledError):
+        sample_full(toy_model, SHAPE, steps=10, cancel=lambda: True, schedule=sched)
+
+
+def test_sampler_input_errors(sched, x0):
+    with pytest.raises(InputError, match="sampler"):
+        sample_weighted(toy_model, x0, smooth_weight(), sampler="euler", schedule=sched)
+    with pytest.raises(InputError, match="steps"):
+        sample_weighted(toy_model, x0, smooth_weight(), steps=0, schedule=sched)
+    with pytest.raises(InputError, match="W must have shape"):
+        sample_weighted(toy_model, x0, torch.ones(1, 1, 8, 8, 5), schedule=sched)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        sample_weighted(toy_model, x0, smooth_weight() * 2, schedule=sched)
+    with pytest.raises(InputError, match="noise predictor returned"):
+        sample_weighted(lambda x, t, tv: x[:, :1], x0, smooth_weight(), steps=2, schedule=sched)
+    # a spatial-only W is accepted and broadcast over the batch
+    a, _ = sample_weighted(toy_model, x0, smooth_weight()[0, 0], steps=3, generator=0, schedule=sched)
+    b, _ = sample_weighted(toy_model, x0, smooth_weight(), steps=3, generator=0, schedule=sched)
+    assert torch.equal(a, b)
+
+
+def test_samplers_with_small_unet(sched):
+    from spine_ldm.models import build_unet, load_config
+    cfg = load_config("small", **{"unet.w_channel": True})
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    z0 = torch.randn(2, *cfg.latent_shape)
+    W = smooth_weight((2, 3, *cfg.latent_shape[1:]), peak=(8, 4, 8), sigma=2.0)
+    fn = unet_model_fn(unet, torch.tensor([3, 4]), torch.tensor([2, 2]), w=W)
+    with torch.no_grad():
+        out, info = sample_weighted(fn, z0, W, steps=3, generator=0, schedule=sched)
+    zero = (sched.weighted_timesteps(W, 1000) == 0).expand_as(z0)
+    assert out.shape == z0.shape and info["nfe"] == 4
+    assert zero.any() and torch.equal(out[zero], z0[zero])
+    with pytest.raises(InputError, match="W input channel"):
+        unet_model_fn(unet, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+class TinyEps(torch.nn.Module):
+    """Per-voxel linear noise predictor with a timestep input: enough to learn eps for a fixed z0."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(shape[1:]))
+        self.b = torch.nn.Parameter(torch.zeros(shape[1:]))
+        self.c = torch.nn.Parameter(torch.zeros(shape[1:]))
+
+    def forward(self, x, t, tv):
+        s = tv.to(x.dtype) / 1000.0
+        return self.a * x + self.b + self.c * s * x
+
+
+@pytest.mark.parametrize("method", ["weighted", "masked", "full"])
+def test_loss_decreases(sched, x0, method):
+    torch.manual_seed(0)
+    net = TinyEps(SHAPE)
+    W = smooth_weight(sigma=3.0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+
+    def eval_loss():
+        with torch.no_grad():
+            return float(sum(diffusion_loss(net, x0, W, method, sched, torch.Generator().manual_seed(100 + k))
+                             for k in range(20)) / 20)
+
+    before = eval_loss()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        loss = diffusion_loss(net, x0, W, method, sched, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_masked_loss_ignores_outside_roi(sched, x0):
+    W = smooth_weight()
+    roi = W > 0.1
+    pred_scale = torch.nn.Parameter(torch.ones(SHAPE))
+    seen = {}
+
+    def fn(x, t, tv):
+        seen["x"], seen["tv"] = x, tv
+        return x * pred_scale
+
+    loss, info = diffusion_loss(fn, x0, W, "masked", sched, torch.Generator().manual_seed(0), return_info=True)
+    loss.backward()
+    outside = (~roi).expand_as(x0)
+    assert torch.equal(pred_scale.grad[outside], torch.zeros(int(outside.sum())))
+    assert pred_scale.grad[~outside].abs().min() > 0
+    assert torch.equal(seen["x"][outside], x0[outside])           # not noised outside
+    assert bool((seen["tv"][~roi] == 0).all()) and bool((seen["tv"][roi] == info["t"].reshape(2, 1, 1, 1)[
+        torch.nonzero(roi)[:, 0]].flatten()).all())
+    # bool masks are accepted as W
+    loss_b = diffusion_loss(fn, x0, roi, "masked", sched, torch.Generator().manual_seed(0))
+    assert torch.allclose(loss_b, loss)
+
+
+def test_weighted_loss_excludes_unnoised_voxels(sched, x0):
+    W = smooth_weight(sigma=1.0)
+    pred_scale = torch.nn.Parameter(torch.ones(SHAPE))
+    t = torch.tensor([40, 1000])
+    loss, info = diffusion_loss(lambda x, tg, tv: x * pred_scale, x0, W, "weighted", sched, torch.Generator(),
+                                t=t, return_info=True)
+    loss.backward()
+    tv = info["t_voxel"]
+    assert torch.equal(tv, sched.weighted_timesteps(W, t))
+    zero = (tv == 0).expand_as(x0)
+    assert zero.any() and (~zero).any()
+    assert torch.equal(pred_scale.grad[zero], torch.zeros(int(zero.sum())))
+    assert pred_scale.grad[~zero].abs().min() > 0
+    m = (~zero).float()
+    ref = ((info["x_t"] - info["eps"]) ** 2 * m).sum() / m.sum()
+    assert torch.allclose(loss, ref)
+    assert 0 < info["included_fraction"] < 1
+    # full: every voxel counts, the U-Net is told the global t
+    lf, inf = diffusion_loss(lambda x, tg, tv: x, x0, None, "full", sched, torch.Generator().manual_seed(0),
+                             return_info=True)
+    assert inf["included_fraction"] == 1.0 and bool((inf["t_voxel"] == inf["t"].reshape(2, 1, 1, 1, 1)).all())
+    assert 1 <= int(inf["t"].min()) and int(inf["t"].max()) <= 1000
+
+
+def test_loss_errors(sched, x0):
+    with pytest.raises(InputError, match="method"):
+        diffusion_loss(toy_model, x0, None, "repaint", sched)
+    with pytest.raises(InputError, match="needs a weight"):
+        diffusion_loss(toy_model, x0, None, "weighted", sched)
+    with pytest.raises(InputError, match="W must have shape"):
+        diffusion_loss(toy_model, x0, torch.ones(3, 3), "masked", sched)
