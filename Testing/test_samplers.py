@@ -88,6 +88,20 @@ def test_weighted_reproducible_and_seed_dependent(sched, x0):
     assert (a - c).abs().max() > 1e-2
     d, _ = sample_weighted(toy_model, x0, W, steps=8, generator=5, schedule=sched)   # int seed == Generator seed
     assert torch.equal(a, d)
+    # per-sample generators: each batch element equals the same seed run alone
+    e, _ = sample_weighted(toy_model, x0, W, steps=8, generator=[7, torch.Generator().manual_seed(8)], schedule=sched)
+    for k, seed in enumerate((7, 8)):
+        single, _ = sample_weighted(toy_model, x0[k:k + 1], W[k:k + 1], steps=8, generator=seed, schedule=sched)
+        assert torch.equal(e[k:k + 1], single)
+    r, _ = sample_repaint(toy_model, x0, W > 0.3, steps=6, jump_length=2, jump_n_sample=2, generator=[7, 8],
+                          schedule=sched)
+    r1, _ = sample_repaint(toy_model, x0[1:], W[1:] > 0.3, steps=6, jump_length=2, jump_n_sample=2, generator=8,
+                           schedule=sched)
+    assert torch.equal(r[1:], r1)
+    with pytest.raises(InputError, match="3 generators for a batch of 2"):
+        sample_weighted(toy_model, x0, W, steps=2, generator=[1, 2, 3], schedule=sched)
+    with pytest.raises(InputError, match="generator must be"):
+        sample_weighted(toy_model, x0, W, steps=2, generator="seed", schedule=sched)
 
 
 def test_masked_sampler(sched, x0):

@@ -6,8 +6,10 @@ timestep, ``t_voxel``: (B, 1, *spatial) long per-voxel timestep), so they run wi
 evaluations), ``info["timesteps"]`` and ``info["sampler"]``; they call ``progress(done, total)`` after every network
 evaluation (``total`` = the expected nfe, e.g. 51 for PLMS with 50 steps: this is the CLI's ``{"step", "of"}``) and
 raise :class:`spine_ldm.errors.CancelledError` when ``cancel()`` returns True (checked before every step).
-``generator`` (a ``torch.Generator`` or an int seed) drives all noise: same seed -> identical output; the noise is
-drawn on the generator's device and moved to the latent's device.
+``generator`` (a ``torch.Generator``, an int seed, or a list of those with one per batch element) drives all noise:
+same seed -> identical output; with a list, batch element k draws only from generator k, so a sample is the same
+whether it runs alone or in a batch (up to the network's batch numerics). Noise is drawn on the generator's device
+and moved to the latent's device.
 
 Timesteps follow DEVELOPERS.md: t = 0 is clean; the grid for ``steps`` is ``NoiseSchedule.timesteps(steps)``
 ([1000, 980, ..., 0] for 50; ``spacing="leading"`` selects the LDM grid [981, ..., 1, 0], see schedule.py).
@@ -57,15 +59,28 @@ def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None) -> M
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _generator(generator) -> torch.Generator | None:
+def _generator(generator):
+    """None | torch.Generator | int seed | list of those (one per batch element)."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
+    if isinstance(generator, bool):
+        raise InputError("generator must be a torch.Generator, an int seed, a list of those, or None")
     if isinstance(generator, int):
         return torch.Generator().manual_seed(generator)
-    raise InputError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    if isinstance(generator, (list, tuple)) and generator and all(
+            isinstance(g, torch.Generator) or (isinstance(g, int) and not isinstance(g, bool)) for g in generator):
+        return [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(g) for g in generator]
+    raise InputError(f"generator must be a torch.Generator, an int seed, a list of those, or None; "
+                     f"got {type(generator).__name__}")
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(shape, like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise; a list of generators draws batch element k from generator k (so a sample's
+    noise does not depend on which batch it runs in)."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_randn((1, *shape[1:]), like, g) for g in generator], 0)
     dev = generator.device if generator is not None else like.device
     n = torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32)
     return n.to(device=like.device, dtype=like.dtype)

@@ -22,6 +22,11 @@ from monai.networks.schedulers import DDPMScheduler
 from ..errors import InputError
 
 
+def _compute_dtype(device) -> torch.dtype:
+    """float64 for schedule arithmetic, except on devices that lack it (Apple MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 class NoiseSchedule:
     def __init__(self, T: int = 1000, beta_schedule: str = "scaled_linear_beta", beta_start: float = 0.0015,
                  beta_end: float = 0.0195):
@@ -59,8 +64,16 @@ class NoiseSchedule:
             t = t.long()
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.T):
             raise InputError(f"timesteps must lie in 0..{self.T}, got range {int(t.min())}..{int(t.max())}")
-        out = self.abar_table.to(t.device)[t.long()]
+        out = self._table(t.device)[t.long()]
         return out.to(dtype=dtype, device=device if device is not None else t.device)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """abar table on ``device`` (cached; float64, or float32 on devices without float64 such as MPS)."""
+        key = str(device)
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = self.abar_table.to(device=device, dtype=_compute_dtype(device))
+        return cache[key]
 
     def weighted_timesteps(self, W: torch.Tensor, t) -> torch.Tensor:
         """Per-voxel timesteps ``round(W * t)`` (half up), long tensor.
@@ -73,15 +86,17 @@ class NoiseSchedule:
         t = torch.as_tensor(t, device=W.device)
         if t.ndim == 1 and W.ndim > 1:
             t = t.reshape(-1, *([1] * (W.ndim - 1)))
-        return torch.floor(W.double() * t.double() + 0.5).long()
+        cd = _compute_dtype(W.device)
+        return torch.floor(W.to(cd) * t.to(cd) + 0.5).long()
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t_voxel) -> torch.Tensor:
         """``sqrt(abar(t_v)) x0 + sqrt(1 - abar(t_v)) eps``; t_voxel (B,), an int, or broadcastable to x0."""
         t = torch.as_tensor(t_voxel, device=x0.device)
         if t.ndim == 1 and x0.ndim > 1 and t.shape[0] == x0.shape[0]:
             t = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        a = self.abar(t, dtype=torch.float64)
-        xt = (a.sqrt() * x0.double() + (1.0 - a).sqrt() * eps.double()).to(x0.dtype)
+        cd = _compute_dtype(x0.device)
+        a = self.abar(t, dtype=cd)
+        xt = (a.sqrt() * x0.to(cd) + (1.0 - a).sqrt() * eps.to(cd)).to(x0.dtype)
         return torch.where(t == 0, x0, xt)
 
     def timesteps(self, steps: int = 50, spacing: str = "trailing") -> list[int]:

@@ -131,6 +131,8 @@ class VQAutoencoder(nn.Module):
         (cluster size 0) every code unused in the first EMA update is divided by ~epsilon and becomes unreachable, which
         is the usual cause of codebook collapse; call this once before autoencoder training (and optionally to
         restart dead codes). ``x_or_h``: image batch (default) or unscaled encoder outputs (``is_latent=True``).
+        Under DDP call it on the unwrapped module with identical data on every rank (or on rank 0, then broadcast
+        the quantizer state): the codebook is not a trained parameter, so DDP does not re-sync it.
         """
         q = self.quantizer.quantizer
         h = x_or_h if is_latent else self.encoder(x_or_h)
