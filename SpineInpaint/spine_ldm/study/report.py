@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..conditions import LEVELS
 from ..errors import InputError
-from .engine import METHODS, Study
+from .engine import METHODS, Study, condition_label
 
 Z95 = 1.959963984540054
 GROUP_ORDER = tuple(f"inpainted:{m}" for m in METHODS) + ("inpainted:all", "real_pathological", "real_healthy")
@@ -196,7 +196,7 @@ def plot_table2(rows: list[dict], path: Path, title: str = "") -> None:
         for qi, (q, qlabel) in enumerate((("realistic", "% rated realistic"), ("pathology_present", "% pathology present"))):
             ax = axes[ci][qi]
             for gi, g in enumerate(groups):
-                xs, ys, lo, hi = [], [], [], []
+                xs, ys, lo, hi, ns = [], [], [], [], []
                 for li, lv in enumerate(levels):
                     m = [r for r in rows if r["group"] == g and r["condition"] == cond and r["level"] == lv]
                     if m and m[0][f"{q}_n"]:
@@ -204,14 +204,17 @@ def plot_table2(rows: list[dict], path: Path, title: str = "") -> None:
                         ys.append(m[0][f"{q}_pct"])
                         lo.append(m[0][f"{q}_pct"] - m[0][f"{q}_ci_low"])
                         hi.append(m[0][f"{q}_ci_high"] - m[0][f"{q}_pct"])
+                        ns.append(m[0][f"{q}_n"])
                 if xs:
+                    for x, n in zip(xs, ns):
+                        ax.text(x, 1.5, str(n), ha="center", va="bottom", fontsize=6, color="black")
                     ax.bar(xs, ys, width * 0.95, yerr=[lo, hi], capsize=2, color=colors.get(g, "k"),
                            label=GROUP_LABELS.get(g, g), edgecolor="black", linewidth=0.4)
             ax.set_xticks(range(len(levels)))
             ax.set_xticklabels(levels)
             ax.set_ylim(0, 105)
             ax.set_ylabel(qlabel)
-            ax.set_title(f"{cond}: {qlabel}", fontsize=10)
+            ax.set_title(f"{condition_label(cond)}: {qlabel} (n ratings at the bar foot)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

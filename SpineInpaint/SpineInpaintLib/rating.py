@@ -1,0 +1,292 @@
+"""Reader-study rating panel logic (Slicer side of ``spine_ldm.study``).
+
+The panel shows one blinded case at a time to a reader identified by their token, in the reader's own
+seeded order, and records the answers in the study's answer store through ``spine_ldm.study.engine``
+(the same store as the browser app). Pure MRML + engine calls, so it runs under headless ``slicer-core``;
+the Qt widget (``SpineInpaintRating.py``) only forwards button clicks and shortcuts here.
+
+Blinding on the Slicer side: the volume node is named with the anonymous case id, carries no attributes,
+and is loaded from the anonymized NRRD through SimpleITK (geometry only, no storage node pointing elsewhere).
+Hand a reader a copy of the study folder WITHOUT ``organizer/`` (the truth key); ``openStudy`` reports
+when the key is still there.
+
+Keyboard shortcuts (same letters as the browser app): Y / N realistic yes / no, P / A pathology present /
+absent, 1-5 confidence, Enter save & next, B back, L landmark on / off. Slice scrolling, zoom and
+window/level are Slicer's own (arrow keys / wheel, right-drag, left-drag).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+RATING_LAYOUT_ID = 56011
+SAGITTAL_VIEW = "SpineInpaintRatingSagittal"
+AXIAL_VIEW = "SpineInpaintRatingAxial"
+LANDMARK_NODE_NAME = "landmark"
+CLIENT = "slicer"
+
+#: key -> (action, argument). Actions: "set" (question id, value), "save", "back", "next", "landmark".
+SHORTCUTS = {
+    "Y": ("set", ("realistic", "yes")), "N": ("set", ("realistic", "no")),
+    "P": ("set", ("pathology_present", "yes")), "A": ("set", ("pathology_present", "no")),
+    "1": ("set", ("confidence", 1)), "2": ("set", ("confidence", 2)), "3": ("set", ("confidence", 3)),
+    "4": ("set", ("confidence", 4)), "5": ("set", ("confidence", 5)),
+    "Return": ("save", None), "Enter": ("save", None), "B": ("back", None), "L": ("landmark", None),
+}
+
+
+def ratingLayoutXml() -> str:
+    """Sagittal (left, larger) + axial (right) views for rating."""
+    def view(tag, orientation, label, color):
+        return (f'   <item><view class="vtkMRMLSliceNode" singletontag="{tag}">'
+                f'<property name="orientation" action="default">{orientation}</property>'
+                f'<property name="viewlabel" action="default">{label}</property>'
+                f'<property name="viewcolor" action="default">{color}</property>'
+                f'<property name="viewgroup" action="default">0</property></view></item>')
+    return "\n".join(['<layout type="horizontal" split="true">',
+                      view(SAGITTAL_VIEW, "Sagittal", "S", "#E0C040"),
+                      view(AXIAL_VIEW, "Axial", "A", "#F34A33"),
+                      '</layout>'])
+
+
+def _ensureBackendImportable() -> None:
+    """``spine_ldm`` ships next to this module (SpineInpaint/spine_ldm); make it importable in Slicer."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(here, "spine_ldm")) and here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def lpsToRas(p) -> tuple:
+    return (-float(p[0]), -float(p[1]), float(p[2]))
+
+
+class RatingLogic:
+    """State of one reader's rating session in a Slicer scene."""
+
+    def __init__(self, scene=None):
+        import slicer
+
+        self.scene = scene or slicer.mrmlScene
+        self.study = None
+        self.session = None
+        self.index = 0
+        self.case: Optional[dict] = None
+        self.values: dict = {}
+        self.volumeNode = None
+        self.landmarkNode = None
+        self.showLandmark = True
+        self._shownAt = 0.0
+        self.warnings: list[str] = []
+
+    # ------------------------------------------------------------------ study / reader
+    def openStudy(self, studyDir: str, token: str) -> dict:
+        """Authenticate the reader and load the first unanswered case. Returns the progress dict."""
+        _ensureBackendImportable()
+        from spine_ldm.study.engine import Study
+
+        study = Study.load(studyDir)
+        session = study.session(token.strip())  # raises InputError("unknown reader token")
+        self.close()
+        self.study, self.session = study, session
+        self.warnings = []
+        if study.truth_path().exists():
+            self.warnings.append("The truth key (organizer/truth.json) is inside this study folder: "
+                                 "give readers a copy without the 'organizer' folder.")
+        start = session.resume_index()
+        self.loadCase(min(start, session.total - 1))
+        return self.progress()
+
+    @property
+    def total(self) -> int:
+        return self.session.total if self.session else 0
+
+    @property
+    def readerName(self) -> str:
+        return self.session.reader.name if self.session else ""
+
+    def progress(self) -> dict:
+        p = self.session.progress() if self.session else {"answered": 0, "total": 0, "resume_index": 0}
+        p["index"] = self.index
+        return p
+
+    def progressText(self) -> str:
+        """'12 / 50' (1-based position of the case shown) and the number answered."""
+        if not self.session:
+            return ""
+        p = self.session.progress()
+        return f"{self.index + 1} / {p['total']}"
+
+    def isFinished(self) -> bool:
+        return bool(self.session) and self.session.resume_index() >= self.session.total
+
+    def questions(self) -> list[dict]:
+        return self.session.questions(self.case["condition"]) if self.session and self.case else []
+
+    def questionText(self, qid: str) -> str:
+        for q in self.questions():
+            if q["id"] == qid:
+                return q["text"]
+        return ""
+
+    # ------------------------------------------------------------------ cases
+    def loadCase(self, index: int):
+        """Show case ``index`` of this reader's order: volume node, views, landmark; returns the node."""
+        if not self.session:
+            raise RuntimeError("open a study first")
+        case = self.session.case(index, record_view=True)
+        self._removeCaseNodes()
+        self.index, self.case = int(index), case
+        self.values = dict(case.get("answer") or {})
+        self.volumeNode = self._loadVolume(self.study.volume_path(case["case_id"]), case["case_id"])
+        self._setupViews()
+        self.setLandmarkVisible(self.showLandmark)
+        self._shownAt = time.monotonic()
+        return self.volumeNode
+
+    def _loadVolume(self, path, name: str):
+        import SimpleITK as sitk
+        import slicer
+
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, array)
+        d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+        flip = np.diag([-1.0, -1.0, 1.0])
+        node.SetIJKToRASDirections(*[float(v) for v in (flip @ d).flatten()])
+        node.SetSpacing(*image.GetSpacing())
+        node.SetOrigin(*lpsToRas(image.GetOrigin()))
+        node.CreateDefaultDisplayNodes()
+        disp = node.GetDisplayNode()
+        if disp is not None:
+            lo, hi = np.percentile(array, [1.0, 99.5]) if array.size else (0.0, 1.0)
+            disp.SetAutoWindowLevel(False)
+            disp.SetWindowLevelMinMax(float(lo), float(hi if hi > lo else lo + 1))
+        for key in list(node.GetAttributeNames() or []):  # blinding: no attributes at all
+            node.RemoveAttribute(key)
+        return node
+
+    def landmarkRas(self) -> tuple:
+        return lpsToRas(self.case["landmark_lps"]) if self.case else (0.0, 0.0, 0.0)
+
+    def _viewNodes(self) -> tuple[dict, dict]:
+        def byLayout(cls):
+            out = {}
+            for i in range(self.scene.GetNumberOfNodesByClass(cls)):
+                n = self.scene.GetNthNodeByClass(i, cls)
+                out[n.GetLayoutName()] = n
+            return out
+        return byLayout("vtkMRMLSliceNode"), byLayout("vtkMRMLSliceCompositeNode")
+
+    def _setupViews(self) -> None:
+        """Rating views (fall back to every slice view): background = case volume, centred on the landmark,
+        field of view = the volume's largest extent."""
+        slices, composites = self._viewNodes()
+        names = [n for n in (SAGITTAL_VIEW, AXIAL_VIEW) if n in slices] or list(slices)
+        extent = self._extentMm()
+        ras = self.landmarkRas()
+        for name in names:
+            comp, sl = composites.get(name), slices[name]
+            if comp is not None:
+                comp.SetBackgroundVolumeID(self.volumeNode.GetID())
+                comp.SetForegroundVolumeID(None)
+                comp.SetLabelVolumeID(None)
+            if name == SAGITTAL_VIEW:
+                sl.SetOrientationToSagittal()
+            elif name == AXIAL_VIEW:
+                sl.SetOrientationToAxial()
+            if hasattr(sl, "RotateToVolumePlane"):
+                sl.RotateToVolumePlane(self.volumeNode)
+            fov = 1.05 * extent
+            sl.SetFieldOfView(fov, fov, sl.GetFieldOfView()[2])
+            sl.JumpSliceByCentering(*ras)
+
+    def _extentMm(self) -> float:
+        dims = self.volumeNode.GetImageData().GetDimensions()
+        return float(max(d * s for d, s in zip(dims, self.volumeNode.GetSpacing())))
+
+    def setLandmarkVisible(self, visible: bool) -> None:
+        self.showLandmark = bool(visible)
+        if self.landmarkNode is None and visible and self.case is not None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", LANDMARK_NODE_NAME)
+            node.AddControlPoint(*self.landmarkRas())
+            node.SetNthControlPointLabel(0, "")
+            node.SetLocked(True)
+            node.CreateDefaultDisplayNodes()
+            self.landmarkNode = node
+        if self.landmarkNode is not None and self.landmarkNode.GetDisplayNode() is not None:
+            self.landmarkNode.GetDisplayNode().SetVisibility(bool(visible))
+
+    def _removeCaseNodes(self) -> None:
+        for attr in ("volumeNode", "landmarkNode"):
+            node = getattr(self, attr)
+            if node is not None and self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+            setattr(self, attr, None)
+
+    def close(self) -> None:
+        self._removeCaseNodes()
+        self.study = self.session = self.case = None
+        self.values = {}
+
+    # ------------------------------------------------------------------ answers
+    def setValue(self, qid: str, value) -> None:
+        if value is None:
+            self.values.pop(qid, None)
+        else:
+            self.values[qid] = value
+
+    def missingRequired(self) -> list[str]:
+        return [q["text"] for q in self.questions() if q.get("required") and self.values.get(q["id"]) in (None, "")]
+
+    def save(self) -> dict:
+        """Record the current answer (a new row; last wins). Raises ValueError when a required answer is missing."""
+        missing = self.missingRequired()
+        if missing:
+            raise ValueError("please answer: " + ", ".join(missing))
+        seconds = max(0.0, time.monotonic() - self._shownAt)
+        return self.session.answer(self.case["case_id"], dict(self.values), seconds=seconds, client=CLIENT)
+
+    def saveAndNext(self) -> dict:
+        """Save, then show the next case (or the first unanswered one after the last). Returns progress."""
+        r = self.save()
+        nxt = self.index + 1
+        if nxt >= self.total:
+            nxt = r["resume_index"] if r["resume_index"] < self.total else self.index
+        if nxt != self.index:
+            self.loadCase(nxt)
+        return self.progress()
+
+    def back(self) -> bool:
+        if self.index > 0:
+            self.loadCase(self.index - 1)
+            return True
+        return False
+
+    def next(self) -> bool:
+        if self.index + 1 < self.total:
+            self.loadCase(self.index + 1)
+            return True
+        return False
+
+    def handleKey(self, key: str) -> Optional[str]:
+        """Apply a keyboard shortcut (see :data:`SHORTCUTS`); returns the action name or None."""
+        entry = SHORTCUTS.get(key if len(key) > 1 else key.upper())
+        if entry is None or not self.session:
+            return None
+        action, arg = entry
+        if action == "set":
+            if not any(q["id"] == arg[0] for q in self.questions()):
+                return None
+            self.setValue(*arg)
+        elif action == "save":
+            self.saveAndNext()
+        elif action == "back":
+            self.back()
+        elif action == "landmark":
+            self.setLandmarkVisible(not self.showLandmark)
+        return action
