@@ -175,5 +175,19 @@ def test_paper_config_shapes():
     assert ae.latent_spatial_shape(cfg.fsu_shape) == cfg.latent_shape[1:]
     with torch.no_grad():
         z = un(torch.randn(1, *cfg.latent_shape), torch.tensor([999]), 4, 4)
+        # the autoencoder is fully convolutional: a reduced crop checks factors and channels quickly
+        zc = ae.encode(torch.randn(1, 1, 32, 16, 8))
+        assert zc.shape == (1, 3, 8, 4, 8)
+        assert ae.decode(zc).shape == (1, 1, 32, 16, 8)
     assert z.shape == (1, *cfg.latent_shape)
     assert un.unet.attention_levels == (False, False, True)
+
+
+@pytest.mark.slow
+def test_paper_autoencoder_full_forward():
+    cfg = load_config("paper")
+    ae = VQAutoencoder(cfg).eval()
+    with torch.no_grad():
+        z = ae.encode(torch.randn(1, 1, *cfg.fsu_shape))
+        assert z.shape == (1, *cfg.latent_shape) == (1, 3, 32, 16, 32)
+        assert ae.decode(z).shape == (1, 1, 128, 64, 32)
