@@ -182,3 +182,46 @@ def test_demo_without_registered_weights_is_a_model_error(tmp_path, capsys, monk
     rc, so, se = _main(["demo", "--registry", str(empty), "--out", str(tmp_path / "demo"), "--progress", "none"],
                        capsys)
     assert rc == 3 and "demo weights are not registered" in se
+
+
+def test_phantom_command_writes_case(tmp_path, capsys):
+    out = tmp_path / "ph"
+    rc, so, se = _main(["phantom", "--out", str(out), "--seed", "1", "--spacing", "2,2,4.3", "--dh",
+                        "L4-L5:moderate_large", "--progress", "json"], capsys)
+    assert rc == 0, se
+    done = _events(so)[-1]
+    assert done["event"] == "done"
+    assert [(p["condition"], p["level"]) for p in done["result"]["pathologies"]] == [("dh_moderate_large", "L4-L5")]
+    img = sitk.ReadImage(str(out / "t2.nrrd"))
+    assert img.GetSpacing() == pytest.approx((2.0, 2.0, 4.3))
+    rc, so, se = _main(["phantom", "--out", str(out), "--dh", "L4-L5:huge"], capsys)
+    assert rc == 2 and "huge" in se
+
+
+def test_demo_slice_orientation_superior_up_anterior_left():
+    from spine_ldm.demo import sagittal_slice
+
+    img, lm, disc = make_test_volume()
+    a = np.zeros(sitk.GetArrayFromImage(img).shape, np.float32)
+    marked = sitk.GetImageFromArray(a)
+    marked.CopyInformation(img)
+    # bright blob 15 mm superior and 15 mm anterior of the centre (LPS: z up, y posterior)
+    p = np.asarray(disc) + np.array([0.0, -15.0, 15.0])
+    idx = marked.TransformPhysicalPointToIndex(tuple(p))
+    marked[idx] = 1000.0
+    sl = sagittal_slice(marked, disc, width_mm=60, height_mm=60, pixel_mm=1.0)
+    r, c = np.unravel_index(np.argmax(sl), sl.shape)
+    assert r < 30 and c < 30  # upper-left quadrant: superior up, anterior left
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    regp = make_registry(tmp_path / "reg")
+    rc, so, se = _main(["demo", "--registry", str(regp), "--out", str(tmp_path / "demo"), "--steps", "1",
+                        "--device", "cpu", "--progress", "none"], capsys)
+    assert rc == 0, se
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert len(summary["cases"]) == 6 and Path(summary["png"]).is_file()
+    for c in summary["cases"]:
+        for p in c["outputs"]:
+            assert Path(p).is_file()

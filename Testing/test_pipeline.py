@@ -18,9 +18,12 @@ STEPS = 2  # PLMS: 3 network evaluations
 
 
 def _phantom():
-    from helpers_models import make_test_volume
+    """Healthy phantom (seed 0) at coarse spacing; landmark = L4-L5 posterior disc margin."""
+    from spine_ldm import phantom
 
-    return make_test_volume()
+    case = phantom.generate(seed=0, spacing=(2.0, 2.0, 4.3))
+    d = case.landmarks["discs"]["L4-L5"]
+    return case.image, tuple(d["posterior_margin_LPS_mm"]), tuple(d["center_LPS_mm"])
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,10 @@ class _Emitter:
             self.event(event="progress", step=int(step), of=int(total), stage=stage)
         elif self.mode == "text":
             now = time.monotonic()
-            if step >= total or now - self._last_text > 0.5:
+            tty = sys.stderr.isatty()
+            if step >= total or now - self._last_text > (0.5 if tty else 5.0):
                 self._last_text = now
-                end = "\n" if step >= total else "\r"
+                end = "\n" if (step >= total or not tty) else "\r"
                 sys.stderr.write(f"{stage}: step {step}/{total}{end}")
                 sys.stderr.flush()
 
@@ -154,7 +155,7 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
              device=result.device, peak_memory_mb=round(result.peak_memory_mb, 1), provenance=result.provenance,
              provenances=result.provenances)
     if em.mode != "json":
-        em.info(f"done in {result.seconds:.1f} s ({result.nfe} network evaluations per sample batch, "
+        em.info(f"done in {result.seconds:.1f} s ({result.nfe} network evaluations per sample, "
                 f"peak memory {result.peak_memory_mb:.0f} MB)")
         for p in paths:
             print(p)
@@ -163,31 +164,16 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
 
 def _cmd_phantom(args, em: _Emitter) -> int:
     from . import phantom
-    from .conditions import parse_level
 
-    spacing = parse_vector(args.spacing, what="--spacing") if args.spacing else None
-    pathologies: dict[str, str] = {}
-    for kind, items, allowed in (("dh", args.dh, ("small", "moderate_large")), ("ccs", args.ccs, ("moderate", "severe"))):
-        for it in items or []:
-            if ":" not in it:
-                raise InputError(f"--{kind} needs LEVEL:SEVERITY (e.g. L4-L5:{allowed[-1]}), got {it!r}")
-            lv, sev = it.split(":", 1)
-            lv = parse_level(lv)
-            sev = sev.strip().lower().replace("-", "_").replace("/", "_")
-            if sev in ("moderate", "large") and kind == "dh":
-                sev = "moderate_large"
-            if sev not in allowed:
-                raise InputError(f"--{kind} severity {sev!r} unknown; expected one of {', '.join(allowed)}")
-            if lv in pathologies:
-                raise InputError(f"level {lv} has two pathologies ({pathologies[lv]}, {kind}_{sev}); one per level")
-            pathologies[lv] = f"{kind}_{sev}"
-    kwargs = {"seed": args.seed, "pathologies": pathologies}
-    if spacing is not None:
-        kwargs["spacing"] = spacing
+    kwargs = {"seed": args.seed, "dh": args.dh or None, "ccs": args.ccs or None}
+    if args.spacing:
+        kwargs["spacing"] = parse_vector(args.spacing, what="--spacing")
     res = phantom.generate_to_dir(args.out, **kwargs)
-    em.event(event="done", out=str(args.out), result=res if isinstance(res, (dict, list, str)) else str(res))
+    em.event(event="done", out=str(args.out), result=res)
     if em.mode != "json":
-        print(args.out)
+        for key in ("t2", "labels", "landmarks"):
+            if key in res:
+                print(res[key])
     return 0
 
 
@@ -304,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("phantom", help="write a synthetic lumbar T2 phantom (+ labels, landmarks)")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--spacing", default=None, metavar="SX,SY,SZ", help="voxel spacing mm (default 0.625,0.625,4.3)")
+    q.add_argument("--spacing", default=None, metavar="AP,SI,LR",
+                   help="voxel spacing mm in ITK axis order (in-plane AP, in-plane SI, slice LR); default 0.625,0.625,4.3")
     q.add_argument("--dh", action="append", metavar="LEVEL:SEV", help="disc herniation, SEV small|moderate_large")
     q.add_argument("--ccs", action="append", metavar="LEVEL:SEV", help="canal stenosis, SEV moderate|severe")
     q.add_argument("--progress", choices=("json", "text", "none"), default="text")

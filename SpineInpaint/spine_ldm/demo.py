@@ -64,40 +64,23 @@ def _posterior_axis(image: sitk.Image) -> np.ndarray:
 
 
 def _phantom_case(seed: int = 0):
-    """(image, disc centres {level: lps}, landmarks {(level, kind): lps}) of a healthy phantom."""
+    """(image, disc centres {level: lps}, landmarks {(level, kind): lps}) of a healthy phantom.
+
+    DH landmark = the phantom's posterior disc margin; CCS landmark = the centre of the thecal sac at the level.
+    """
     from . import phantom
 
-    ph = phantom.generate(seed=seed)
-    image = ph.image if hasattr(ph, "image") else ph["image"]
-    meta = ph.landmarks if hasattr(ph, "landmarks") else ph.get("landmarks", {})
-    discs = {lv: tuple(v) for lv, v in _find_discs(meta).items()}
-    lms = _find_landmarks(meta)
-    return image, discs, lms
-
-
-def _find_discs(meta) -> dict:
-    if isinstance(meta, dict):
-        for key in ("disc_centers_lps", "disc_centres_lps", "discs"):
-            if key in meta:
-                val = meta[key]
-                out = {}
-                for lv, v in val.items():
-                    if isinstance(v, dict):
-                        v = v.get("center_lps") or v.get("center_LPS_mm") or v.get("centre_lps")
-                    out[lv] = v
-                return out
-    raise InputError("the phantom does not report disc centres")
-
-
-def _find_landmarks(meta) -> dict:
-    out = {}
-    cand = meta.get("candidate_landmarks_lps") or meta.get("landmarks_lps") or {} if isinstance(meta, dict) else {}
-    for lv, v in (cand or {}).items():
-        if isinstance(v, dict):
-            for kind in ("dh", "ccs"):
-                if kind in v:
-                    out[(lv, kind)] = tuple(v[kind])
-    return out
+    case = phantom.generate(seed=seed)
+    meta = case.landmarks
+    discs = {lv: tuple(d["center_LPS_mm"]) for lv, d in meta["discs"].items()}
+    lms = {}
+    for lv, d in meta["discs"].items():
+        if "posterior_margin_LPS_mm" in d:
+            lms[(lv, "dh")] = tuple(d["posterior_margin_LPS_mm"])
+    for lv, c in meta.get("canal", {}).items():
+        if "center_LPS_mm" in c:
+            lms[(lv, "ccs")] = tuple(c["center_LPS_mm"])
+    return case.image, discs, lms
 
 
 def sagittal_slice(image: sitk.Image, center_lps, width_mm: float = 90.0, height_mm: float = 90.0,

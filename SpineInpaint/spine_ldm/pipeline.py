@@ -143,7 +143,7 @@ def _as_image(image) -> tuple[sitk.Image, str]:
     if isinstance(image, sitk.Image):
         return sio.validate_volume(image, "input volume"), "<in-memory image>"
     if isinstance(image, (str, os.PathLike)):
-        return sio.read_volume(image), str(Path(image))
+        return sio.read_volume(image), Path(image).name  # file name only: no directories in shared outputs
     raise InputError(f"image must be a SimpleITK.Image or a file path, got {type(image).__name__}")
 
 
