@@ -1,0 +1,185 @@
+"""The bundled demo weights recipe (small config, phantoms, CPU): ``python -m model_training make-demo-weights
+--out SpineInpaint/Resources/Models``.
+
+Stages (all seeded; each stage resumes from its checkpoint when re-run with the same --work folder):
+
+1. phantoms: ``model_training.importers.phantom.import_phantoms`` writes N synthetic lumbar T2 studies with a
+   pathology mix (+ healthy twins), split per study (80/10/10), manifest ``<work>/phantoms.csv``;
+2. autoencoder: ``train-autoencoder`` with ``ae_small`` (shared by every model);
+3. LDMs: ``train-ldm`` with ``ldm_small`` for ``weighted`` and ``masked`` (pathological FSUs with a landmark) and
+   ``full`` (every FSU);
+4. export: ``<out>/demo-small-autoencoder.pt`` (shared), ``<out>/demo-small-{weighted,masked,full}-unet.pt`` and
+   the entries ``demo-small-weighted``, ``demo-small-masked``, ``demo-small-full`` in ``<out>/../Models.json``
+   (other entries of that registry are kept);
+5. check (``--check``): inpaint a herniation into a healthy phantom with the three methods and render the sagittal
+   slice through the landmark (input | weighted | masked | RePaint) to ``<work>/demo_check.png``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from spine_ldm.errors import InputError
+
+from . import common as C
+
+DEFAULT_MIX = {"dh_moderate_large": 0.3, "dh_small": 0.15, "ccs_severe": 0.2, "ccs_moderate": 0.15}
+IDS = {"weighted": "demo-small-weighted", "masked": "demo-small-masked", "full": "demo-small-full"}
+AE_NAME = "demo-small-autoencoder"
+LICENSE = "Apache-2.0 (weights trained only on synthetic phantoms)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="SpineInpaint/Resources/Models", help="weights folder (Models.json goes to its parent)")
+    p.add_argument("--registry", help="registry to update (default <out>/../Models.json)")
+    p.add_argument("--work", default="demo_work", help="phantoms, manifest, runs (resumable)")
+    p.add_argument("--n-studies", type=int, default=60)
+    p.add_argument("--phantom-seed", type=int, default=0)
+    p.add_argument("--ae-steps", type=int, help="override ae_small steps")
+    p.add_argument("--ldm-steps", type=int, help="override ldm_small steps")
+    p.add_argument("--methods", default="weighted,masked,full")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--check", action="store_true", help="render the demo check PNG at the end")
+    p.add_argument("--only-check", action="store_true", help="only render the check PNG from the registry")
+    p.add_argument("--quiet", action="store_true")
+
+
+def make_phantoms(work: Path, n_studies: int, seed: int, mix=None, log=print) -> Path:
+    from model_training.manifest import assign_splits, write_manifest
+
+    manifest = work / "phantoms.csv"
+    if manifest.is_file():
+        log(f"[demo] phantoms: reusing {manifest}")
+        return manifest
+    try:
+        from model_training.importers.phantom import import_phantoms
+    except ImportError as e:
+        raise InputError(f"phantom importer unavailable ({e}); cannot build the demo data") from None
+    t = time.time()
+    rows = import_phantoms(work / "phantoms", n_studies, seed, healthy_twins=True, mix=dict(mix or DEFAULT_MIX))
+    if not any(r.split for r in rows):
+        rows = assign_splits(rows, (0.8, 0.1, 0.1), seed=seed)
+    write_manifest(manifest, rows)
+    log(f"[demo] phantoms: {n_studies} studies, {len(rows)} FSUs in {time.time() - t:.0f}s -> {manifest}")
+    return manifest
+
+
+def main_demo(args) -> int:
+    out = Path(args.out)
+    registry = Path(args.registry) if args.registry else out.parent / "Models.json"
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    if args.only_check:
+        render_check(work, registry, log)
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    t0 = time.time()
+    manifest = make_phantoms(work, args.n_studies, args.phantom_seed, log=log)
+    timings = {}
+
+    from .train_autoencoder import train_autoencoder
+    from .train_ldm import train_ldm
+
+    ae_run = work / "runs" / "autoencoder"
+    ae_cfg = C.load_train_config("ae_small", {"steps": args.ae_steps})
+    if not (ae_run / "autoencoder.pt").is_file() or C.read_run_info(ae_run).get("status") != "complete":
+        t = time.time()
+        train_autoencoder(ae_cfg, ae_run, manifest=manifest, resume=True, device=args.device,
+                          cache_dir=work / "fsu_cache", quiet=args.quiet)
+        timings["autoencoder_s"] = round(time.time() - t, 1)
+    ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
+    for m in methods:
+        run = work / "runs" / m
+        if (run / "unet.pt").is_file() and C.read_run_info(run).get("status") == "complete":
+            continue
+        t = time.time()
+        train_ldm(ldm_cfg, m, ae_run, run, manifest=manifest, resume=True, device=args.device,
+                  cache_dir=work / "fsu_cache", quiet=args.quiet)
+        timings[f"{m}_s"] = round(time.time() - t, 1)
+
+    from .export import export_run
+
+    data_desc = (f"{args.n_studies} synthetic phantom studies (spine_ldm.phantom, seed {args.phantom_seed}, "
+                 f"healthy twins, mix {json.dumps(DEFAULT_MIX)}); train split only")
+    for m in methods:
+        what = {"weighted": "weighted noise schedule (Hansen et al.)", "masked": "masked-LDM baseline",
+                "full": "whole-FSU LDM for the RePaint baseline"}[m]
+        export_run(work / "runs" / m, IDS[m], registry, weights_dir=out, autoencoder_name=AE_NAME,
+                   description=f"Demo (small config, CPU-trained on phantoms): {what}. Not for clinical or "
+                               f"research conclusions.",
+                   training_data=data_desc, license=LICENSE)
+        log(f"[demo] exported {IDS[m]} -> {registry}")
+    total = round(time.time() - t0, 1)
+    C.atomic_write_text(work / "demo_timings.json", json.dumps({**timings, "total_s": total}, indent=2))
+    log(f"[demo] done in {total:.0f}s: {registry}")
+    if args.check:
+        render_check(work, registry, log)
+    return 0
+
+
+def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None) -> Path:
+    """Inpaint dh_moderate_large into a healthy phantom at the landmark of its pathological twin (or at the
+    landmark stored for the healthy FSU) with weighted / masked / repaint; PNG of the sagittal slice through
+    the landmark: input | weighted | masked | RePaint (+ difference row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    from model_training.manifest import read_manifest
+    from spine_ldm import pipeline
+
+    rows = read_manifest(work / "phantoms.csv")
+    cand = [r for r in rows if r.condition == "none" and r.landmark_lps is not None and r.level == "L4-L5"
+            and r.split in ("test", "val")] or \
+        [r for r in rows if r.condition == "none" and r.landmark_lps is not None and r.level == "L4-L5"]
+    if not cand:
+        raise InputError("no healthy L4-L5 phantom FSU with a landmark in the demo manifest")
+    r = cand[0]
+    from spine_ldm.io import read_volume
+
+    img = read_volume(r.image_path)
+    outs = {}
+    for m in ("weighted", "masked", "repaint"):
+        res = pipeline.inpaint(img, r.landmark_lps, r.level, "dh_moderate_large", method=m, samples=1, seed=0,
+                               steps=50, registry=str(registry), disc_center_lps=r.disc_center_lps)
+        outs[m] = res.outputs[0]
+        log(f"[demo] check: {m} {res.seconds:.1f}s nfe={res.nfe}")
+    idx = img.TransformPhysicalPointToIndex(tuple(r.landmark_lps))
+    arr = sitk.GetArrayFromImage(img)
+    # sagittal slice through the landmark: the image's LR axis is the one whose direction column is ~x
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    lr_axis_itk = int(np.argmax(np.abs(d[0, :])))
+    np_axis = 2 - lr_axis_itk
+
+    def sl(a):
+        s = np.take(a, idx[lr_axis_itk], axis=np_axis)
+        return s
+
+    panels = [("input (healthy)", sl(arr))] + [(lab, sl(sitk.GetArrayFromImage(outs[m])))
+                                                 for m, lab in (("weighted", "weighted"), ("masked", "masked"),
+                                                                ("repaint", "RePaint"))]
+    lo, hi = np.percentile(panels[0][1], [0.5, 99.5])
+    fig, ax = plt.subplots(2, 4, figsize=(13, 7))
+    for k, (lab, s) in enumerate(panels):
+        ax[0, k].imshow(s, cmap="gray", vmin=lo, vmax=hi, origin="upper")
+        ax[0, k].set_title(lab)
+        diff = s.astype(np.float32) - panels[0][1].astype(np.float32)
+        ax[1, k].imshow(diff, cmap="bwr", vmin=-(hi - lo) / 2, vmax=(hi - lo) / 2, origin="upper")
+        ax[1, k].set_title(f"{lab} - input")
+    # landmark marker
+    lm_idx = [i for a, i in enumerate(idx) if a != lr_axis_itk]
+    for a in ax.flat:
+        a.plot(lm_idx[0], lm_idx[1], "r+", ms=10) if np_axis != 2 else a.plot(lm_idx[0], lm_idx[1], "r+", ms=10)
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(f"demo check: DH moderate/large inpainted at {r.level} of healthy phantom {r.study_id}")
+    out_png = Path(out_png) if out_png else work / "demo_check.png"
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    log(f"[demo] check image: {out_png}")
+    return out_png

@@ -1,0 +1,128 @@
+"""Export a trained LDM run (plus the autoencoder it was trained with) into a model registry.
+
+``python -m model_training export --run LDM_RUN_DIR --id ID --registry Models.json [--weights-dir DIR]
+[--autoencoder-name NAME] [--description ...] [--training-data ...] [--license ...]``
+
+Writes (default ``<registry folder>/Models/``):
+
+- ``<ID>-unet.pt``: the EMA U-Net weights as a plain state dict (float32 tensors only, ``weights_only`` loadable);
+- ``<autoencoder-name>.pt`` (default ``<ID>-autoencoder``): the autoencoder state dict the run was trained on
+  (its sha256 must still equal the one recorded at training time); several entries may share one file;
+- ``<ID>-config.yaml`` only when the run's model config is not a bundled one (``small``/``paper``);
+
+then adds or replaces the entry ``ID`` in the registry (format of DEVELOPERS.md / ``spine_ldm.registry``) and
+checks it the way ``spine-ldm models verify`` does (sha256 of every file) and by loading both networks strictly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from spine_ldm.errors import InputError, ModelError
+
+from . import common as C
+
+
+def _clean_state_dict(sd: dict) -> dict:
+    return {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+            for k, v in sd.items()}
+
+
+def _config_ref(model_cfg_dict: dict, weights_dir: Path, model_id: str) -> str:
+    from spine_ldm.models.config import config_from_dict, config_to_dict, load_config
+
+    cfg = config_from_dict(model_cfg_dict)
+    if cfg.name in ("small", "paper") and config_to_dict(load_config(cfg.name)) == config_to_dict(cfg):
+        return cfg.name
+    p = weights_dir / f"{model_id}-config.yaml"
+    C.atomic_write_text(p, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return str(p.resolve())
+
+
+def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_name: str | None = None,
+               description: str = "", training_data: str = "", license: str = "",
+               extra: dict | None = None, use_ema: bool = True) -> dict:
+    """Export ``run_dir`` as registry entry ``model_id``; returns the entry's JSON form."""
+    from spine_ldm import registry as R
+
+    run = Path(run_dir)
+    info = C.read_run_info(run)
+    if info.get("kind") != "ldm":
+        raise InputError(f"{run} is a {info.get('kind')!r} run; export takes a train-ldm run (its autoencoder "
+                         f"is exported with it)")
+    if info.get("status") != "complete":
+        raise ModelError(f"{run} is not complete (status {info.get('status')!r}); finish or resume training first")
+    if not R._ID_RE.match(model_id):
+        raise InputError(f"invalid model id {model_id!r} (letters, digits, '.', '_', '-'; at most 100)")
+    reg = Path(registry)
+    wdir = Path(weights_dir) if weights_dir else reg.parent / "Models"
+    wdir.mkdir(parents=True, exist_ok=True)
+
+    unet_src = run / ("unet.pt" if use_ema else "unet_raw.pt")
+    ae_src = Path(info["autoencoder"])
+    if not ae_src.is_file():
+        raise ModelError(f"the autoencoder of {run} ({ae_src}) is gone")
+    if C.file_sha256(ae_src) != info.get("autoencoder_sha256"):
+        raise ModelError(f"autoencoder {ae_src} changed since {run} was trained (sha256 differs); retrain or "
+                         f"restore it")
+    unet_sd = _clean_state_dict(torch.load(unet_src, map_location="cpu", weights_only=True))
+    ae_sd = _clean_state_dict(torch.load(ae_src, map_location="cpu", weights_only=True))
+    unet_dst = wdir / f"{model_id}-unet.pt"
+    ae_dst = wdir / f"{autoencoder_name or model_id + '-autoencoder'}.pt"
+    C.atomic_torch_save(unet_sd, unet_dst)
+    if not ae_dst.is_file() or _sd_differs(ae_dst, ae_sd):
+        C.atomic_torch_save(ae_sd, ae_dst)
+    cfg_ref = _config_ref(info["model_config"], wdir, model_id)
+
+    files = {"autoencoder": R.FileRef("autoencoder", C.file_sha256(ae_dst), path=ae_dst.resolve()),
+             "unet": R.FileRef("unet", C.file_sha256(unet_dst), path=unet_dst.resolve())}
+    tc = info.get("train_config", {})
+    ext = {"training": {"steps": info.get("steps_done"), "final_loss": info.get("final_loss"),
+                        "conditions": info.get("conditions"), "sigma_mm": tc.get("sigma_mm"),
+                        "dataset_size": info.get("dataset_size")}}
+    ext.update(extra or {})
+    entry = R.ModelEntry(id=model_id, method=info["method"], config=cfg_ref, files=files,
+                         description=description or f"{info['method']} LDM ({info['model_config'].get('name')}) "
+                                                    f"exported from {run.name}",
+                         training_data=training_data, license=license, extra=ext)
+    entries = [e for e in R.read_registry(reg) if e.id != model_id] if reg.exists() else []
+    # keep the order of existing entries: replace in place when present
+    old = R.read_registry(reg) if reg.exists() else []
+    ids = [e.id for e in old]
+    if model_id in ids:
+        entries = [entry if e.id == model_id else e for e in old]
+    else:
+        entries = entries + [entry]
+    R.write_registry(reg, entries)
+    check_entry(model_id, reg)
+    return next(e for e in R.read_registry(reg) if e.id == model_id).to_json(relative_to=reg.parent.resolve())
+
+
+def _sd_differs(path: Path, sd: dict) -> bool:
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return True
+    return C.state_dict_sha256(old) != C.state_dict_sha256(sd)
+
+
+def check_entry(model_id: str, registry) -> None:
+    """sha256 of every file (as ``spine-ldm models verify``) and a strict load of both networks."""
+    from spine_ldm import registry as R
+
+    st = R.verify(model_id, registry)
+    bad = [s.message() for s in st.values() if s.status != "ok"]
+    if bad:
+        raise ModelError(f"exported model {model_id!r} does not verify: {'; '.join(bad)}")
+    R.load(model_id, device="cpu", registry=registry)
+
+
+def main_export(args) -> int:
+    extra = json.loads(args.extra) if args.extra else None
+    d = export_run(args.run, args.id, args.registry, args.weights_dir, args.autoencoder_name, args.description,
+                   args.training_data, args.license, extra, use_ema=not args.raw)
+    print(json.dumps(d, indent=2))
+    return 0
