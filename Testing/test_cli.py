@@ -225,3 +225,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for c in summary["cases"]:
         for p in c["outputs"]:
             assert Path(p).is_file()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_and_writes_nothing(setup, tmp_path, sig):
+    import signal
+
+    d, regp, inp, lm, disc = setup
+    out = tmp_path / "never.nrrd"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.Popen([sys.executable, "-m", "spine_ldm", "inpaint", str(inp), "--landmark", _vec(lm),
+                          "--level", "L4-L5", "--condition", "dh_small", "--steps", "200", "--device", "cpu",
+                          "--registry", str(regp), "--out", str(out), "--progress", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in p.stdout:
+            if json.loads(line)["event"] == "progress":
+                p.send_signal(getattr(signal, sig))
+                break
+        rest, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    last = _events(rest)[-1]
+    assert last["event"] == "error" and last["kind"] == "cancelled"
+    assert list(tmp_path.iterdir()) == []

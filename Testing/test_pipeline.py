@@ -174,3 +174,62 @@ def test_write_outputs_names_and_header(case, weighted2, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_1.nrrd", "out_2.nrrd"]  # no partial files
     assert pipeline.output_paths("x/a.nii.gz", 2)[1].name == "a_2.nii.gz"
     assert pipeline.output_paths("a.nrrd", 1)[0].name == "a.nrrd"
+
+
+# ---------------------------------------------------------------------------------------------- device.py
+def test_select_device_and_errors():
+    import torch
+
+    from spine_ldm.device import autocast, select_device
+    from spine_ldm.errors import DeviceError
+
+    assert select_device("cpu") == torch.device("cpu")
+    auto = select_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            select_device("cuda")
+    else:
+        with pytest.raises(DeviceError, match="CUDA device"):
+            select_device(f"cuda:{torch.cuda.device_count()}")
+    with autocast("cpu"):
+        assert not torch.is_autocast_enabled()
+
+
+def test_oom_retry_halves_the_batch_then_gives_up():
+    import torch
+
+    from spine_ldm.device import run_with_oom_retry
+    from spine_ldm.errors import DeviceError
+
+    seen = []
+
+    def fn(b):
+        seen.append(b)
+        if b > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return b
+
+    assert run_with_oom_retry(fn, 8) == 2 and seen == [8, 4, 2]
+
+    def never(b):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(DeviceError, match="out of GPU memory even with a batch of 1"):
+        run_with_oom_retry(never, 3)
+
+    def other(b):
+        raise ValueError("not an OOM")
+
+    with pytest.raises(ValueError):
+        run_with_oom_retry(other, 4)
+
+
+def test_peak_memory_reports_something():
+    from spine_ldm.device import PeakMemory
+
+    with PeakMemory("cpu") as pm:
+        x = np.ones((256, 256, 64), np.float32).sum()
+    assert x > 0 and pm.mb > 10 and pm.kind == "process_rss_peak" and pm.seconds >= 0

@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     em = _Emitter(getattr(args, "progress", "text") or "text")
+    _install_sigterm()
     try:
         if args.cmd in _COMMANDS:
             if args.cmd == "models" and not getattr(args, "models_cmd", None):
@@ -374,6 +375,23 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, em, debug)
     except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
         return _fail(e, em, debug, internal=True)
+
+
+def _install_sigterm() -> None:
+    """SIGTERM (e.g. a GUI's cancel) ends the run like Ctrl-C: no partial outputs, exit 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+
+    def _handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _handler)
+    except (ValueError, OSError):  # pragma: no cover
+        pass
 
 
 def _fail(e: BaseException, em: _Emitter, debug: bool, internal: bool = False) -> int:
