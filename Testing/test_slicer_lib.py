@@ -555,3 +555,24 @@ def test_lib_never_imports_torch_qt_or_ctk():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------- sample data
+def test_phantom_sample_data_loads_with_file_geometry(scene, tmp_path):
+    from SpineInpaintLib import sampledata
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), env.get("PYTHONPATH", "")])
+    paths = sampledata.generatePhantom(str(tmp_path), seed=0, python=sys.executable, env=env)
+    volume, discs, landmark = sampledata.loadPhantom(str(tmp_path), scene)
+    img = sitk.ReadImage(paths["t2"])
+    nodes.checkSameGeometry(img, volume)  # node geometry == file geometry
+    assert np.array_equal(slicer.util.arrayFromVolume(volume), sitk.GetArrayFromImage(img))
+    assert [discs.GetNthControlPointLabel(i) for i in range(discs.GetNumberOfControlPoints())] == \
+        ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
+    assert level.suggestLevelFromMarkups(landmark, discs).level == "L4-L5"
+    # the landmark's LPS position is the phantom's own LPS posterior margin
+    lm = json.loads(Path(paths["landmarks"]).read_text())
+    req = nodes.prepareBackendInput(volume, landmark, InpaintParameters(), str(tmp_path / "w"), discs)
+    np.testing.assert_allclose(req.landmarkLps, lm["discs"]["L4-L5"]["posterior_margin_LPS_mm"], atol=1e-6)
+    np.testing.assert_allclose(req.discCenterLps, lm["discs"]["L4-L5"]["center_LPS_mm"], atol=1e-6)

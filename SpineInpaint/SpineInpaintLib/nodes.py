@@ -402,3 +402,29 @@ def lpsToIjkOfFile(path: str, lps: Sequence[float]) -> tuple:
     spacing = np.array(reader.GetSpacing())
     direction = np.array(reader.GetDirection()).reshape(3, 3)
     return tuple(np.linalg.solve(direction * spacing, np.asarray(lps, float) - origin))
+
+
+def addVolumeFromFile(path: str, name: str, scene=None):
+    """New scalar volume node from an image file, geometry taken from the file (LPS -> RAS), headless-safe."""
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+
+    scene = scene or slicer.mrmlScene
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path} is not a 3D single-component image")
+    flip = np.diag([-1.0, -1.0, 1.0])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = flip @ direction @ np.diag(image.GetSpacing())
+    m[:3, 3] = flip @ np.array(image.GetOrigin())
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    vm = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vm.SetElement(r, c, float(m[r, c]))
+    node.SetIJKToRASMatrix(vm)
+    node.CreateDefaultDisplayNodes()
+    return node
