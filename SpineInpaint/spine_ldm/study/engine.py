@@ -516,26 +516,36 @@ def _synthetic_volume(rng: np.random.Generator, lesion: bool, shape=(96, 96, 24)
     return img
 
 
-def _demo_volume(seed: int, lesion: bool, condition: str):
+def _demo_volume(seed: int, lesion: bool, condition: str, level: str, spacing=(1.0, 1.0, 4.3)):
+    """(image, landmark_lps, disc_centre_lps) for a demo case: the project's phantom when available
+    (pathology drawn at ``level``; healthy cases get the posterior disc margin as landmark), else a tiny
+    synthetic volume."""
     try:
-        from ..phantom import generate  # type: ignore
-
-        res = generate(seed=seed, condition=condition if lesion else "none")
-        img = res[0] if isinstance(res, tuple) else getattr(res, "image", res)
-        if isinstance(img, sitk.Image):
-            return img
-    except Exception:  # noqa: BLE001 - the phantom is optional for the demo
-        pass
-    return _synthetic_volume(np.random.default_rng(seed), lesion)
+        from ..phantom import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        case = generate(seed=int(seed), spacing=spacing, pathologies={level: condition} if lesion else None)
+        disc = case.landmarks["discs"][level]
+        if lesion:
+            lm = case.landmarks["pathologies"][0]["landmark_LPS_mm"]
+        else:
+            lm = disc["posterior_margin_LPS_mm"]
+        return case.image, tuple(lm), tuple(disc["center_LPS_mm"])
+    img = _synthetic_volume(np.random.default_rng(seed), lesion)
+    lm = img.TransformContinuousIndexToPhysicalPoint([(sz - 1) / 2 for sz in img.GetSize()])
+    return img, tuple(lm), None
 
 
 def make_demo_study(out_dir: str | Path, n_inpainted_per_method: int = 2, n_real_pathological: int = 2,
                     n_real_healthy: int = 2, seed: int = 0, fov: str = "fsu", condition: str = "dh_moderate_large",
-                    fsu_shape=(64, 32, 16), fsu_size_mm=PAPER_FSU_SIZE_MM) -> Study:
+                    fsu_shape=(64, 32, 16), fsu_size_mm=PAPER_FSU_SIZE_MM, phantom_spacing=(1.0, 1.0, 4.3)) -> Study:
     """A small blinded study from synthetic volumes (tests, demos).
 
-    The "inpainted" cases are synthetic volumes with a lesion written with spine_ldm_* provenance headers, i.e.
-    stand-ins for inpainting outputs (not model outputs); real pathological / healthy controls are synthetic too.
+    Volumes come from the project's phantom (``spine_ldm.phantom``; a tiny synthetic volume without it). The
+    "inpainted" cases are phantoms WITH the pathology written with spine_ldm_* provenance headers, i.e. stand-ins
+    for inpainting outputs (not model outputs); "real" pathological / healthy controls are phantoms too. Sources
+    are written next to the study (``<out>_sources/``, with ``real.csv``).
     """
     out = Path(out_dir)
     src_dir = out.parent / (out.name + "_sources")
@@ -546,26 +556,26 @@ def make_demo_study(out_dir: str | Path, n_inpainted_per_method: int = 2, n_real
     for m in METHODS:
         for s in range(n_inpainted_per_method):
             n += 1
-            img = _demo_volume(seed * 1000 + n, True, condition)
-            lm = img.TransformContinuousIndexToPhysicalPoint([(sz - 1) / 2 for sz in img.GetSize()])
             lvl = rng.choice(LEVELS)
+            img, lm, dc = _demo_volume(seed * 1000 + n, True, condition, lvl, phantom_spacing)
             for k, v in {"method": m, "level": lvl, "condition": condition, "seed": str(s),
-                         "landmark_lps": json.dumps(list(lm)), "model_id": f"demo-small-{m}"}.items():
+                         "landmark_lps": json.dumps(list(lm)), "disc_center_lps": json.dumps(list(dc) if dc else None),
+                         "model_id": f"demo-small-{m}"}.items():
                 img.SetMetaData(f"spine_ldm_{k}", v)
             sitk.WriteImage(img, str(src_dir / f"inpainted_{m}_{s}.nrrd"), True)
     real_rows = []
     for t, cnt in (("real_pathological", n_real_pathological), ("real_healthy", n_real_healthy)):
         for s in range(cnt):
             n += 1
-            img = _demo_volume(seed * 1000 + n, t == "real_pathological", condition)
-            lm = img.TransformContinuousIndexToPhysicalPoint([(sz - 1) / 2 for sz in img.GetSize()])
+            lvl = rng.choice(LEVELS)
+            img, lm, dc = _demo_volume(seed * 1000 + n, t == "real_pathological", condition, lvl, phantom_spacing)
             fn = f"{t}_{s}.nrrd"
             sitk.WriteImage(img, str(src_dir / fn), True)
-            real_rows.append({"path": fn, "level": rng.choice(LEVELS),
-                              "condition": condition if t == "real_pathological" else "none",
-                              "landmark_lps": " ".join(f"{v:.3f}" for v in lm)})
+            real_rows.append({"path": fn, "level": lvl, "condition": condition if t == "real_pathological" else "none",
+                              "landmark_lps": " ".join(f"{v:.3f}" for v in lm),
+                              "disc_center_lps": " ".join(f"{v:.3f}" for v in dc) if dc else ""})
     with (src_dir / "real.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "level", "condition", "landmark_lps"])
+        w = csv.DictWriter(fh, fieldnames=["path", "level", "condition", "landmark_lps", "disc_center_lps"])
         w.writeheader()
         w.writerows(real_rows)
     return create_study(out, inpainted_sources(src_dir / "inpainted_*.nrrd"), real_sources(src_dir / "real.csv"),

@@ -26,7 +26,7 @@ async function ensureViewer() {
   try {
     const mod = await import("/static/niivue/index.js");
     const nv = new mod.Niivue({
-      backColor: [0, 0, 0, 1], crosshairColor: [1, 0.3, 0.3, 0.9], crosshairWidth: 1, crosshairGap: 12,
+      backColor: [0, 0, 0, 1], crosshairColor: [1, 0.3, 0.3, 0.8], crosshairWidth: 0.4, crosshairWidthUnit: "mm", crosshairGap: 40,
       show3Dcrosshair: false, sagittalNoseLeft: true,
       isOrientCube: false, isColorbar: false, dragAndDropEnabled: false, isRadiologicalConvention: false,
       viewModeHotKey: "F24", clipPlaneHotKey: "F23", cycleClipPlaneHotKey: "F22", loadingText: "loading ...",
@@ -74,7 +74,7 @@ function updateSliceUi() {
 function setLandmarkVisible(on) {
   state.landmark = on;
   $("landmark").checked = on;
-  if (state.nv) { state.nv.setCrosshairWidth(on ? 1 : 0); state.nv.drawScene(); }
+  if (state.nv) { state.nv.setCrosshairWidth(on ? 0.4 : 0); state.nv.drawScene(); }
 }
 
 function resetView() {
