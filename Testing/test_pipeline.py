@@ -149,6 +149,9 @@ def test_errors(case, registry, tmp_path):
         pipeline.inpaint(img, lm, "L4-L5", "dh_small", method="magic", registry=registry)
     with pytest.raises(ModelError, match="trained for method 'full'.*needs a 'weighted' model"):
         pipeline.inpaint(img, lm, "L4-L5", "dh_small", model="demo-small-full", registry=registry)
+    far_disc = (disc[0], disc[1], disc[2] + 70.0)  # inside the volume, but the FSU no longer holds the landmark
+    with pytest.raises(InputError, match=r"landmark \(.*\) LPS lies \d+\.\d mm outside the FSU around the disc centre"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_small", disc_center_lps=far_disc, registry=registry, device="cpu")
     with pytest.raises(InputError, match="file not found"):
         pipeline.inpaint(tmp_path / "nope.nrrd", lm, "L4-L5", "dh_small", registry=registry)
 

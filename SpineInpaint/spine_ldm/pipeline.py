@@ -175,7 +175,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     ``progress(step, total)`` is called after each diffusion step; ``cancel()`` returning True raises
     :class:`CancelledError` at the next step. ``batch_size`` caps the batch (default: all K at once; halved on
     CUDA out-of-memory). ``edge_taper_mm`` ramps the paste-back weight to 0 at the FSU faces over that distance
-    (no seam where the Gaussian is still large at a face; 0 = plain W). Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
+    (no seam where the Gaussian is still large at a face; 0 = plain W).
+    Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
     """
     import torch
 
@@ -219,7 +220,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     fsu = geometry.extract_fsu(img, disc, spec)
     dl = geometry.distance_outside_mm(fsu, landmark)
     if dl > 0:
-        raise InputError(f"landmark {landmark} LPS lies {dl:.1f} mm outside the FSU around the disc centre {disc} "
+        raise InputError(f"landmark {_fmt(landmark)} LPS lies {dl:.1f} mm outside the FSU around the disc centre "
+                         f"{_fmt(disc)} "
                          f"(FSU {spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm); give --disc-center "
                          f"closer to the landmark")
     fsu_arr = sitk.GetArrayFromImage(fsu)  # (SI, AP, LR) float32
@@ -243,12 +245,11 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         t0 = time.perf_counter()
         z0 = autoencoder.encode(x)
         recon = autoencoder.decode(z0)
-        timings["encode"] = time.perf_counter() - t0
+        timings["encode_decode_reference"] = time.perf_counter() - t0
         W = torch.from_numpy(w_lat)[None, None].to(dev)
 
         def run(batch: int):
             zs, nfe_total = [], 0
-            done = [0]
             n_chunks = (samples + batch - 1) // batch
 
             for c in range(n_chunks):
@@ -262,8 +263,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
                 z, nfe = _sample(method, unet, schedule, z0, W, [seeds[k] for k in ks], steps, lvl, cnd, dev,
                                  prog, cancel, cfg.sampling.sampler)
                 zs.append(z)
-                nfe_total = nfe  # NFE per sample batch (all chunks have the same)
-                done[0] += len(ks)
+                nfe_total = nfe  # network evaluations per sample chain (the same for every chunk)
             return torch.cat(zs, 0), nfe_total
 
         t0 = time.perf_counter()
@@ -308,6 +308,10 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
                          peak_memory_mb=float(pm.mb), provenances=provs, fsu_input=fsu, fsu_outputs=fsu_outs,
                          fsu_reconstruction=_fsu_image(norm.inverse(recon_np.astype(np.float64)), fsu),
                          fsu_weight=w_fsu, latent_weight=w_lat, timings=timings)
+
+
+def _fmt(p) -> str:
+    return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ")"
 
 
 def _clean(p) -> list[float]:
