@@ -254,3 +254,11 @@ def test_noise_flag_and_shape():
 def test_bad_arguments_raise_input_error(kwargs, msg):
     with pytest.raises(InputError, match=msg):
         generate(**kwargs)
+
+
+def test_overview_figure(tmp_path):
+    from spine_ldm.phantom.overview import render_overview
+
+    out = render_overview(tmp_path / "ov.png", seed=0, real_dir=None, dpi=30)
+    data = open(out, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -91,13 +91,17 @@ _FINE = {
     SUBCUT_FAT: 0.04, LIGAMENT: 0.1, PSOAS: 0.1, HERNIATION: 0.08, HERNIATION_RIM: 0.1, ABDOMEN: 0.2,
     VESSEL: 0.3, SKIN: 0.1,
 }
+_STRIATED = {MUSCLE: 0.22, PSOAS: 0.18, SUBCUT_FAT: 0.05}  # texture elongated superior-inferior (fibres, septa)
 _COARSE = {ABDOMEN: 0.3, SUBCUT_FAT: 0.04, MUSCLE: 0.06, EPIDURAL_FAT: 0.05}
 
 
 def intensity_tables(marrow: dict[int, float], nucleus: dict[int, float], annulus: float = 210.0,
                      gain: dict[int, float] | None = None):
-    """(base, fine, coarse) float32 lookup tables of length 256 indexed by label."""
+    """(base, fine, coarse, striated) float32 lookup tables of length 256 indexed by label."""
     base = np.zeros(256, np.float32)
+    striated = np.zeros(256, np.float32)
+    for k, v in _STRIATED.items():
+        striated[k] = v
     fine = np.zeros(256, np.float32)
     coarse = np.zeros(256, np.float32)
     for k, v in _BASE.items():
@@ -120,4 +124,4 @@ def intensity_tables(marrow: dict[int, float], nucleus: dict[int, float], annulu
         for k, g in gain.items():
             base[k] *= g
     # texture tables hold absolute amplitudes (base * fraction) so the renderer can average them over sub-slices
-    return base, base * fine, base * coarse
+    return base, base * fine, base * coarse, base * striated

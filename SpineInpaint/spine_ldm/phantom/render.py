@@ -176,7 +176,8 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     bg[post & (Y32 > y_m)] = L.SUBCUT_FAT
     bg[post & (Y32 > y_f - 2.0)] = L.SKIN
     bg[post & (Y32 > y_f)] = L.AIR
-    yf = anat.y_front_skin
+    zc = 0.5 * (anat.segments[0].c[1] + anat.segments[-1].c[1])
+    yf = (anat.y_front_skin + 30.0 * ((Z - zc) / 160.0) ** 2).astype(F32)
     ant = ~post
     bg[ant & (Y32 < yf + anat.t_front_fat + 11.0)] = L.MUSCLE
     bg[ant & (Y32 < yf + anat.t_front_fat + 2.0)] = L.SUBCUT_FAT
@@ -368,25 +369,28 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
             P.paint(band[i], xc - hw, xc + hw, label)
 
     # ------------------------------------------------------------------ disc herniation
+    # A dome on the posterior disc margin: from 2.5 mm inside the disc (annular tear, nucleus signal) out to
+    # ``protrusion`` mm beyond the margin; its cranio-caudal centre drifts by ``shift`` towards the tip (migration).
     for hn in dhs:
-        gp = gap[hn.level]
         ann, nuc = L.DISC_LABELS[hn.level]
-        s_h = anat.gap_s[hn.level] + hn.shift
+        s_b = anat.gap_s[hn.level]
         n_m = anat.gap_margin_n[hn.level]
-        a_n = (hn.protrusion + 2.5) / 2
-        n_h = n_m + (hn.protrusion - 2.5) / 2
-        x_h = float(anat.xm(np.array([s_h], F32))[0]) + hn.lateral
-        m = (np.abs(s - s_h) < hn.half_height) & (np.abs(n - n_h) < a_n)
+        x_h = float(anat.xm(np.array([s_b], F32))[0]) + hn.lateral
+        pr = hn.protrusion
+        m = (np.abs(s - s_b) < hn.half_height + abs(hn.shift) + 1) & (n > n_m - 2.5) & (n < n_m + pr)
         i = np.flatnonzero(m)
         for shrink, label, allowed in (
                 (1.0, nuc, _allowed(ann)),
                 (0.0, L.HERNIATION_RIM, _allowed(L.CSF, L.NEURAL, L.EPIDURAL_FAT, L.FLAVUM, L.LIGAMENT)),
                 (1.0, L.HERNIATION, _allowed(L.HERNIATION_RIM))):
-            q = 1 - ((s[i] - s_h) / (hn.half_height - shrink)) ** 2 - ((n[i] - n_h) / (a_n - shrink)) ** 2
+            tt = np.clip((n[i] - n_m) / (pr - shrink), 0, None)
+            rho2 = np.where(n[i] < n_m - 2.5 + shrink, F32(-1), 1 - tt ** 2)
+            sc = s_b + hn.shift * np.clip(tt, 0, 1)
+            q = rho2 - ((s[i] - sc) / (hn.half_height - shrink)) ** 2
             hw = (hn.half_width - shrink) * _sqrt_pos(q)
             hw = np.where(q > 0, hw, F32(-1))
             P.paint(band[i], x_h - hw, x_h + hw, label, allowed)
-        info.setdefault("herniation", {})[hn.level] = dict(s=s_h, n=n_m + hn.protrusion / 2, x=x_h)
+        info.setdefault("herniation", {})[hn.level] = dict(s=s_b + hn.shift * 0.5, n=n_m + pr / 2, x=x_h)
 
     # ------------------------------------------------------------------ posterior elements
     lt = anat.lamina_t
@@ -394,7 +398,7 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     # interspinous / supraspinous ligament band in the midline
     m = (s > s_top) & (s < s_arch_end) & (n > cap + lt - 3) & (n < prof("muscle_n", s))
     i = np.flatnonzero(m)
-    P.paint(band[i], xm[i] - 2.5, xm[i] + 2.5, L.LIGAMENT, _allowed(L.MUSCLE))
+    P.paint(band[i], xm[i] - 1.5, xm[i] + 1.5, L.LIGAMENT, _allowed(L.MUSCLE))
 
     # pedicles
     pw = anat.pedicle_w
@@ -498,10 +502,9 @@ def coarse_noise(rng: np.random.Generator, shape, spacing, sigma_mm):
 
 def form_image(lv, grid: Grid, S: int, tables, tex_rng, bias_rng, noise_rng, noise: bool, anat: Anatomy):
     ni, nj, nk = grid.size
-    base, fine, coarse = tables
     lv = lv.reshape(nk, S, nj * ni)
-    tab = np.stack([base, fine, coarse], axis=1).astype(F32)  # (256, 3)
-    acc = np.empty((nk, nj * ni, 3), F32)
+    tab = np.stack(tables, axis=1).astype(F32)  # (256, 4): base, fine, coarse, striated
+    acc = np.empty((nk, nj * ni, tab.shape[1]), F32)
     for k in range(nk):
         sub = lv[k]
         acc[k] = tab[sub[S // 2]]
@@ -513,8 +516,10 @@ def form_image(lv, grid: Grid, S: int, tables, tex_rng, bias_rng, noise_rng, noi
     si, sj, sk = grid.spacing
     shp = (nk, nj, ni)
     t1 = smooth_noise(tex_rng, shp, tuple(0.7 / v if 0.7 / v > 0.3 else 0.0 for v in (sk, sj, si)))
-    t2 = coarse_noise(tex_rng, shp, (sk, sj, si), 4.0)
-    img = acc[..., 0].reshape(shp) + acc[..., 1].reshape(shp) * t1 + acc[..., 2].reshape(shp) * t2
+    t2 = np.tanh(F32(1.8) * coarse_noise(tex_rng, shp, (sk, sj, si), 4.0))  # patchy (lobules / bowel loops)
+    t3 = smooth_noise(tex_rng, shp, tuple(v if v > 0.3 else 0.0 for v in (1.0 / sk, 8.0 / sj, 0.8 / si)))
+    img = (acc[..., 0].reshape(shp) + acc[..., 1].reshape(shp) * t1 + acc[..., 2].reshape(shp) * t2
+           + acc[..., 3].reshape(shp) * t3)
     img = gaussian_filter(img, (0, 0.35 / sj, 0.35 / si), truncate=3.0)
     # smooth bias field: brighter posteriorly (spine coil), gentle SI / LR fall-off
     c = bias_rng.uniform(size=6)
