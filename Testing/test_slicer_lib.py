@@ -576,3 +576,35 @@ def test_phantom_sample_data_loads_with_file_geometry(scene, tmp_path):
     req = nodes.prepareBackendInput(volume, landmark, InpaintParameters(), str(tmp_path / "w"), discs)
     np.testing.assert_allclose(req.landmarkLps, lm["discs"]["L4-L5"]["posterior_margin_LPS_mm"], atol=1e-6)
     np.testing.assert_allclose(req.discCenterLps, lm["discs"]["L4-L5"]["center_LPS_mm"], atol=1e-6)
+
+
+def test_batch_example_script(tmp_path):
+    """SpineInpaint/examples/batch_inpaint.py end to end (headless slicer-core, real backend, tiny weights)."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "Testing"))
+    helpers = pytest.importorskip("helpers_models")
+    reg = helpers.make_registry(tmp_path / "models")
+    img = sitk.GetImageFromArray(np.random.default_rng(2).integers(0, 900, (160, 128, 20)).astype(np.int16))
+    img.SetSpacing((3.0, 0.625, 0.625))
+    img.SetOrigin((-30.0, -40.0, -50.0))
+    sitk.WriteImage(img, str(tmp_path / "t2.nrrd"))
+    lps = img.TransformContinuousIndexToPhysicalPoint((10, 64, 80))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(MODULE_DIR / "examples" / "batch_inpaint.py"), "--input", str(tmp_path / "t2.nrrd"),
+           f"--landmark-lps={','.join(map(repr, lps))}", "--level", "L3-L4", "--condition", "ccs_moderate",
+           "--samples", "2", "--seed", "4", "--steps", "2", "--device", "cpu", "--registry", str(reg),
+           "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    paths = out.stdout.strip().splitlines()[-2:]
+    assert [os.path.basename(p) for p in paths] == ["t2 CCS-moderate L3-L4 weighted #1.nrrd",
+                                                    "t2 CCS-moderate L3-L4 weighted #2.nrrd"]
+    for k, p in enumerate(paths):
+        res = sitk.ReadImage(p)
+        assert res.GetSize() == img.GetSize() and res.GetOrigin() == pytest.approx(img.GetOrigin())
+        assert res.GetSpacing() == pytest.approx(img.GetSpacing())
+        assert np.allclose(res.GetDirection(), img.GetDirection())
+        assert json.loads(res.GetMetaData("spine_ldm_seed")) == 4 + k
+        assert res.GetMetaData("spine_ldm_condition") == "ccs_moderate"
+        assert res.GetPixelID() == img.GetPixelID()

@@ -428,3 +428,22 @@ def addVolumeFromFile(path: str, name: str, scene=None):
     node.SetIJKToRASMatrix(vm)
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def saveOutputVolume(node, path: str) -> str:
+    """Write a result node to NRRD with its provenance as ``spine_ldm_*`` header keys (node unchanged)."""
+    import SimpleITK as sitk
+    import slicer
+
+    image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(node))
+    origin, spacing, direction = lpsGeometryOfNode(node)
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in direction.reshape(-1)])
+    for key, value in getProvenanceAttributes(node).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key and not any(c in key for c in ":=\n\r"):
+            image.SetMetaData(NRRD_PREFIX + key, text.replace("\n", " "))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return str(path)
