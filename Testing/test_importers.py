@@ -470,3 +470,59 @@ def test_data_cli_import_support_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: bad.csv line 2 (study 'p1'), column 'level'") and "\n" not in err
     assert not (tmp_path / "o.csv").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- phantom
+def test_phantom_plan_counts_and_determinism():
+    from model_training.importers.phantom import plan_studies
+
+    p = plan_studies(10, seed=4, mix={"dh_small": 0.2, "ccs_severe": 0.3})
+    assert Counter(c for c, _ in p) == {"none": 5, "ccs_severe": 3, "dh_small": 2}
+    assert all((lv is None) == (c == "none") for c, lv in p)
+    assert plan_studies(10, seed=4, mix={"dh_small": 0.2, "ccs_severe": 0.3}) == p
+    assert plan_studies(10, seed=5, mix={"dh_small": 0.2, "ccs_severe": 0.3}) != p
+    # largest remainder, ties broken in CONDITIONS order: the counts always add up to n
+    assert Counter(c for c, _ in plan_studies(7, 0, {"dh_small": 0.5, "ccs_moderate": 0.5})) == \
+        {"dh_small": 4, "ccs_moderate": 3}
+    assert {lv for _, lv in plan_studies(20, 0, {"dh_small": 1.0}, levels=["L4/L5"])} == {"L4-L5"}
+    with pytest.raises(InputError, match="sum"):
+        plan_studies(4, 0, {"dh_small": 0.7, "ccs_severe": 0.7})
+
+
+def test_phantom_importer_two_tiny_studies_with_twins(tmp_path):
+    import json
+
+    from model_training.importers.phantom import import_phantoms
+
+    out = tmp_path / "ph"
+    rows = import_phantoms(out, 2, seed=3, mix={"dh_moderate_large": 0.5}, spacing=(2.0, 2.0, 4.3),
+                           healthy_twins=True)
+    assert len(rows) == 2 * 2 * 5 and {r.source for r in rows} == {"phantom"}
+    assert len({r.study_id for r in rows}) == 2  # twins share their sibling's study id
+    patho = [r for r in rows if r.condition != "none"]
+    assert len(patho) == 1 and patho[0].condition == "dh_moderate_large"
+    p = patho[0]
+    lm = json.loads((Path(p.image_path).parent / "landmarks.json").read_text())
+    assert lm["pathologies"][0]["level"] == p.level
+    np.testing.assert_allclose(p.landmark_lps, lm["pathologies"][0]["landmark_LPS_mm"])
+    np.testing.assert_allclose(p.disc_center_lps, lm["discs"][p.level]["center_LPS_mm"])
+    assert p.spacing == (2.0, 2.0, 4.3)
+    twin = [r for r in rows if r.study_id == p.study_id and r.level == p.level and r is not p]
+    assert len(twin) == 1 and twin[0].condition == "none" and twin[0].landmark_lps == p.landmark_lps
+    assert Path(twin[0].image_path).parent.name == "twin"
+    # the pair differs only around the landmark: the largest difference lies within 15 mm of it
+    a = sitk.ReadImage(p.image_path)
+    b = sitk.ReadImage(twin[0].image_path)
+    diff = np.abs(sitk.GetArrayFromImage(a) - sitk.GetArrayFromImage(b))
+    assert diff.max() > 50
+    k, j, i = np.unravel_index(int(diff.argmax()), diff.shape)
+    peak = np.asarray(a.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+    assert np.linalg.norm(peak - np.asarray(p.landmark_lps)) < 15.0
+    # healthy levels carry the posterior-margin candidate point, posterior (+y) of the disc centre
+    h = next(r for r in rows if r.condition == "none" and r.level != p.level)
+    assert h.landmark_lps[1] > h.disc_center_lps[1] + 10.0
+    # a second import reuses the generated files
+    mt = os.stat(p.image_path).st_mtime_ns
+    rows2 = import_phantoms(out, 2, seed=3, mix={"dh_moderate_large": 0.5}, spacing=(2.0, 2.0, 4.3),
+                            healthy_twins=True)
+    assert rows2 == rows and os.stat(p.image_path).st_mtime_ns == mt
