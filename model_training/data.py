@@ -122,6 +122,13 @@ def _finish(args, rows: list[Row], skipped=None) -> int:
     write_manifest(out, rows, relative_paths=args.relative_paths)
     n_st = len({r.study_id for r in rows})
     print(f"wrote {out}: {len(rows)} FSUs from {n_st} studies")
+    if not args.no_split:
+        per = {sp: len({r.study_id for r in rows if r.split == sp}) for sp in ("train", "val", "test")}
+        print("studies per split: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+        empty = [k for k, v in per.items() if v == 0]
+        if empty:
+            print(f"note: no study in {', '.join(empty)} ({n_st} studies are too few for fractions "
+                  f"{','.join(f'{f:g}' for f in args.fractions)})")
     if skipped is not None and len(skipped):
         print(skipped.summary())
     print(format_support_table(support_table(rows), title="support (all splits)"))
