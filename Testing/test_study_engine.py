@@ -348,3 +348,19 @@ def test_cli_demo_add_reader_export(tmp_path, capsys):
     hist = list(csv.DictReader((tmp_path / "h.csv").open()))
     assert [h["realistic"] for h in hist] == ["yes", "no"] and hist[0]["truth"] in ("inpainted", "real_pathological")
     assert main(["add-reader", str(tmp_path / "c"), "carol"]) == 2  # duplicate name: InputError exit code
+
+
+def test_reads_provenance_written_by_the_pipeline(tmp_path):
+    """Contract with pipeline.write_outputs: spine_ldm_* keys from provenance_header() are what create reads."""
+    pipeline = pytest.importorskip("spine_ldm.pipeline")
+    img = sitk.Image(20, 20, 20, sitk.sitkFloat32)
+    prov = {"spine_ldm_version": "0.1.0", "model_id": "demo-small-masked", "method": "masked", "seed": 3,
+            "landmark_lps": [1.5, -2.0, 3.25], "disc_center_lps": None, "level": "L4-L5",
+            "condition": "ccs_severe", "weights_sha256": {"unet": "ab" * 32}, "input": "/secret/patient_x.nrrd"}
+    for k, v in pipeline.provenance_header(prov).items():
+        img.SetMetaData(k, v)
+    sitk.WriteImage(img, str(tmp_path / "out.nrrd"))
+    (src,) = inpainted_sources(str(tmp_path))
+    assert (src["method"], src["level"], src["condition"]) == ("masked", "L4-L5", "ccs_severe")
+    assert src["landmark_lps"] == (1.5, -2.0, 3.25) and src["disc_center_lps"] is None
+    assert src["provenance"]["input"] == "/secret/patient_x.nrrd"

@@ -218,8 +218,24 @@ def test_reader_app_end_to_end(study, server):
             import numpy as np
             from PIL import Image
 
-            canvas = np.asarray(Image.open(io.BytesIO(page.locator("#gl").screenshot())).convert("L"), dtype=float)
-            assert canvas.std() > 10 and canvas.max() > 100
+            def canvas():
+                return np.asarray(Image.open(io.BytesIO(page.locator("#gl").screenshot())).convert("L"), dtype=float)
+
+            c1 = canvas()
+            assert c1.std() > 10 and c1.max() > 100
+            # zoom in (+) changes the picture, reset (0) restores it; a narrower window brightens it
+            page.keyboard.press("+")
+            page.wait_for_timeout(200)
+            assert np.abs(canvas() - c1).mean() > 2
+            page.keyboard.press("0")
+            page.wait_for_timeout(200)
+            assert np.abs(canvas() - c1).mean() < 0.5
+            lo, hi = float(page.input_value("#wl-min")), float(page.input_value("#wl-max"))
+            page.fill("#wl-max", str(lo + (hi - lo) / 3))
+            page.press("#wl-max", "Tab")
+            page.wait_for_timeout(200)
+            assert canvas().mean() > c1.mean() + 10
+            page.keyboard.press("0")
             # going back shows the saved answer
             page.keyboard.press("ArrowLeft")
             at_case(2)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import SimpleITK as sitk
 
-from ..conditions import CONDITION_LABELS, CONDITIONS, LEVELS, parse_condition, parse_level
+from ..conditions import CONDITION_LABELS, LEVELS, parse_condition, parse_level
 from ..errors import InputError
 from .blind import (PAPER_FSU_SHAPE, PAPER_FSU_SIZE_MM, anonymize_image, crop_fov, new_case_id, public_case,
                     write_anonymous)
