@@ -222,6 +222,12 @@ def test_collate_and_dataloader(vol, tmp_path):
     assert batch["image"].shape == (2, 1, 64, 32, 16) and batch["weight"].shape == (2, 1, 64, 32, 16)
     assert batch["level"].tolist() == [3, 4] and batch["condition"].tolist() == [1, 0]
     assert batch["study_id"] == ["s1", "s1"] and torch.isnan(batch["landmark_index"][1]).all()
+    # picklable (DataLoader workers under 'spawn'), and the copy serves the same items
+    import pickle
+
+    ds.set_epoch(0)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(copy[(1, 5)]["image"], ds[(1, 5)]["image"])
 
 
 def test_spine_up_vectors():

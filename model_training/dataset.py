@@ -255,6 +255,16 @@ class FSUDataset(torch.utils.data.Dataset):
         self._last_image: tuple[str, sitk.Image] | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # picklable for DataLoader workers started with 'spawn' (macOS / Windows)
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_last_image"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- basics ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.rows)
