@@ -218,6 +218,8 @@ def import_rsna(root: str | os.PathLike, cache_dir: str | os.PathLike, *, studie
                                       disc_offset_mm, overwrite, skipped, geometry))
         except InputError as e:
             skipped.add(f"study {study}: {e}")
+        except (ValueError, KeyError) as e:  # malformed CSV values (empty x/y, non-numeric instance, ...)
+            skipped.add(f"study {study}: malformed CSV value ({type(e).__name__}: {e})")
         if progress is not None:
             progress(n_done, len(todo))
     return rows
