@@ -51,7 +51,7 @@ except ImportError:  # Slicer < 5.4 or slicer-core
 from SpineInpaintLib import dependencies, layout, models
 from SpineInpaintLib.level import suggestLevelFromMarkups
 from SpineInpaintLib.logic import InpaintLogic, defaultRegistryPath
-from SpineInpaintLib.parameters import (DEVICES, METHOD_LABELS, METHODS, PATHOLOGY_LABELS, REF_DISC_CENTERS,
+from SpineInpaintLib.parameters import (DEVICES, METHOD_LABELS, METHODS, REF_DISC_CENTERS,
                                         REF_INPUT, REF_LANDMARK, SEVERITY_LABELS, InpaintParameters,
                                         conditionFromPathologySeverity, getNodeReference, getParameterNode,
                                         pathologySeverityFromCondition, setNodeReference)
@@ -68,7 +68,7 @@ class SpineInpaint(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SpineInpaint")
-        self.parent.categories = [_("Spine")]
+        self.parent.categories = ["Spine"]  # same category as SpineInpaintRating
         self.parent.dependencies = []
         self.parent.contributors = ["SpineInpaint developers"]
         self.parent.helpText = _(
@@ -166,6 +166,9 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None:
             self.job.cancel()
         self.pollTimer.stop()
+        for node, tag in self._observedMarkups:
+            node.RemoveObserver(tag)
+        self._observedMarkups = []
         self.removeObservers()
 
     def enter(self):
@@ -188,6 +191,10 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 setNodeReference(self._parameterNode, REF_INPUT, first)
+        if getNodeReference(self._parameterNode, REF_LANDMARK) is None:  # ready for a one-click placement
+            landmark = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                                          slicer.mrmlScene.GenerateUniqueName("Landmark"))
+            setNodeReference(self._parameterNode, REF_LANDMARK, landmark)
         self.updateGUIFromParameterNode()
 
     def currentParameters(self) -> InpaintParameters:
@@ -356,14 +363,17 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Probe the backend's torch / CUDA in a background thread (never imports torch here)."""
         import threading
 
+        from SpineInpaintLib.runner import backendEnvironment, pythonExecutable
+
         status = dependencies.torchStatus()
         if not status.installed:
             self.ui.deviceInfoLabel.text = status.message()
             return
         result = {}
+        python, env = pythonExecutable(), backendEnvironment()  # Qt calls stay on the main thread
 
         def probe():
-            result["info"] = dependencies.probeDevice()
+            result["info"] = dependencies.probeDevice(python, env)
 
         self._deviceProbe = (threading.Thread(target=probe, daemon=True), result)
         self._deviceProbe[0].start()
@@ -415,7 +425,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 dependencies.installRequirements(log=self.log)
         return True
 
-    def onApplyButton(self):
+    def onApplyButton(self, *args):
         if self.job is not None and self.job.state == "running":
             return
         self.updateParameterNodeFromGUI()
@@ -434,7 +444,9 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(message)
             slicer.util.errorDisplay(_("Could not start: {message}").format(message=message))
             return
-        self.lastLandmarkRas = list(self.job.request.landmarkRas)
+        from SpineInpaintLib.nodes import controlPointWorld
+
+        self.lastLandmarkRas = list(controlPointWorld(self.ui.landmarkSelector.currentNode(), 0))  # world RAS
         self.ui.progressBar.value = 0
         self.ui.progressBar.setFormat(_("starting backend..."))
         self.ui.progressBar.show()
@@ -482,7 +494,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 1000 if job.state == "done" else self.ui.progressBar.value
         self.updateButtons()
 
-    def onCancelButton(self):
+    def onCancelButton(self, *args):
         if self.job is None:
             return
         self.job.cancel(timeout=2.0)
@@ -493,7 +505,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         layout.showCompareLayout(self.lastResults, self.lastLandmarkRas, labels=self.lastLabels)
 
-    def onShowCompareButton(self):
+    def onShowCompareButton(self, *args):
         if any(n is None or n.GetScene() is None for n in self.lastResults):  # a result was deleted
             self.lastResults, self.lastLabels = [], []
             self.updateButtons()
@@ -501,7 +513,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showResults()
 
     # ------------------------------------------------------------------------------------------ misc buttons
-    def onRemoteTestButton(self):
+    def onRemoteTestButton(self, *args):
         from SpineInpaintLib.remote import RemoteClient, RemoteError
 
         params = self.currentParameters()
@@ -516,7 +528,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except (RemoteError, OSError) as e:
             self.ui.remoteStatusLabel.text = str(e)
 
-    def onLoadPhantomButton(self):
+    def onLoadPhantomButton(self, *args):
         from SpineInpaintLib import sampledata
 
         outDir = tempfile.mkdtemp(prefix="SpinePhantom-")
@@ -623,7 +635,8 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
             self.assertTrue(np.array_equal(nodes.ijkToRasMatrix(node), nodes.ijkToRasMatrix(volume)))
             prov = nodes.getProvenanceAttributes(node)
             self.assertEqual(prov["model_id"], "demo-small-weighted")
-            self.assertEqual(prov["weights_sha256"], demo.sha256)
+            for name, sha in demo.sha256.items():
+                self.assertEqual(prov["weights_sha256"][name], sha)
             self.assertEqual((prov["seed"], prov["level"], prov["level_source"]), (4 + k, "L4-L5", "suggested"))
             arr = slicer.util.arrayFromVolume(node)
             self.assertEqual(arr.shape, before["array"].shape)

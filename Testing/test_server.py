@@ -4,7 +4,6 @@ against a live loopback server; and bit-identity with the local CLI for the same
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import socket
