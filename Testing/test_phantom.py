@@ -171,7 +171,7 @@ def test_severe_stenosis_level_only_and_in_documented_range():
     diff = arr(s.image) != arr(h.image)
     lm = [q["landmark_LPS_mm"] for q in s.landmarks["pathologies"]]
     dmin = np.minimum(_dist_mm(s.image, lm[0]), _dist_mm(s.image, lm[1]))
-    assert dmin[diff].max() < 30.0
+    assert dmin[diff].max() < 27.0  # sac, disc bulge, flavum and (lateral recess) facet hypertrophy
 
 
 def test_write_case_round_trip(tmp_path, dh_cases):

@@ -22,7 +22,8 @@ Labels: uint8, the tissue at each voxel centre; values in :data:`LABELS`.
 Pairing: the seed is split (``numpy.random.SeedSequence(seed).spawn``) into fixed streams for anatomy, texture,
 bias, noise and one stream per (pathology, level). The anatomy, texture, bias and noise never depend on the
 pathology flags, and every pathology acts through shapes with compact support, so ``generate(seed, dh=...)``
-minus ``generate(seed)`` is exactly zero outside ~25 mm of the pathology landmark.
+minus ``generate(seed)`` is exactly zero farther than 25 mm from a DH landmark and 27 mm from a CCS landmark
+(the facet hypertrophy reaches the lateral recesses).
 
 Severity ranges: see :mod:`spine_ldm.phantom.pathology`.
 """
@@ -43,6 +44,7 @@ from .anatomy import build as _build_anatomy
 from .labels import LABELS
 from .pathology import (CCS_REDUCTION, CCS_SEVERITIES, DH_PROTRUSION_MM, DH_SEVERITIES, draw_herniation,
                         draw_stenosis)
+from .render import DIRECTION as _DIR
 from .render import Grid, form_image, render_labels, subslices_per_slice
 
 try:  # the one home of LPS <-> RAS
@@ -57,7 +59,7 @@ __all__ = ["generate", "write_case", "generate_to_dir", "LABELS", "PhantomCase",
 
 DEFAULT_SPACING = (0.625, 0.625, 4.3)
 FOV_MM = (280.0, 280.0, 64.5)  # (AP, SI, LR) = ITK axes (i, j, k)
-MAX_VOXELS = 40_000_000
+MAX_VOXELS = 25_000_000  # ~1 GB peak memory
 _STREAMS = ("anatomy", "texture", "bias", "noise") + tuple(f"dh:{lv}" for lv in LEVELS) + tuple(
     f"ccs:{lv}" for lv in LEVELS)
 
@@ -185,9 +187,6 @@ def _sample_labels(lab, grid: Grid, pts_lps):
     v = ii[ok]
     out[ok] = lab[v[:, 2], v[:, 1], v[:, 0]]
     return out
-
-
-from .render import DIRECTION as _DIR  # noqa: E402
 
 
 def canal_cross_section(anat, lab, grid: Grid, level: str, step: float = 0.2):

@@ -5,7 +5,8 @@
 Row 1: healthy mid-sagittal slice, the same seed with DH L4-L5 moderate_large + CCS L3-L4 severe, their difference
 (non-zero only around the pathology), the label map. Row 2: close-ups of the L3-S1 region (healthy, pathological,
 a parasagittal slice through the facets) and, when the real cases are available, mid-sagittal slices of real
-sagittal T2 scans. Every panel: superior up, anterior left.
+sagittal T2 scans (those are GPL-3.0 data: compare locally, do not commit such a figure). Without them the
+second row shows a parasagittal slice and a labelled close-up. Every panel: superior up, anterior left.
 """
 from __future__ import annotations
 
@@ -89,14 +90,17 @@ def render_overview(out_png, seed: int = 0, real_dir=None, dpi: int = 72):
         ax[1, 2].set_title(f"real: {name} (mid-sagittal)", fontsize=9)
     else:
         ax[1, 2].imshow(a[kf], **kw)
-        ax[1, 2].set_title(f"phantom parasagittal x = {xk:.1f} mm (LPS)", fontsize=9)
+        ax[1, 2].set_title(f"healthy, parasagittal x = {xk:.1f} mm LPS (pedicles, foramina, facets)", fontsize=9)
     if len(reals) > 1:
         name, sl, rext = reals[1]
         ax[1, 3].imshow(sl, cmap="gray", vmin=0, vmax=float(np.percentile(sl, 99.7)), extent=rext)
         ax[1, 3].set_title(f"real: {name} (mid-sagittal)", fontsize=9)
     else:
-        ax[1, 3].imshow(a[kf], **kw)
-        ax[1, 3].set_title(f"phantom parasagittal x = {xk:.1f} mm (LPS)", fontsize=9)
+        ax[1, 3].imshow(b[k][crop], **kw2)
+        lc = lab[k][crop]
+        ax[1, 3].imshow(np.ma.masked_where(lc == 0, lc), cmap="tab20", alpha=0.4, extent=cext,
+                        interpolation="nearest")
+        ax[1, 3].set_title("close-up, pathological + labels", fontsize=9)
     for axx in ax.ravel():
         axx.set_xticks([])
         axx.set_yticks([])

@@ -27,7 +27,7 @@ severe      65 - 80 %              68 - 77 % (CSF around the cauda obliterated: 
 ==========  =====================  ===================================================================
 
 The reduction is full over +-plateau (2.5 - 4 mm) of arc length around the disc level and tapers to zero over a
-further 7 - 10 mm (cosine), so other levels are untouched. The anterior-posterior diameter shrinks by
+further 6 - 9 mm (cosine), so other levels are untouched. The anterior-posterior diameter shrinks by
 ``(1 - r) ** gamma`` and the width by ``(1 - r) ** (1 - gamma)``, gamma 0.6 - 0.7. The landmark is the centre of
 the thecal sac at the disc level.
 """
@@ -98,5 +98,5 @@ def draw_herniation(rng: np.random.Generator, level: str, severity: str) -> Hern
 
 def draw_stenosis(rng: np.random.Generator, level: str, severity: str) -> Stenosis:
     q = rng.uniform(size=4)
-    return Stenosis(level, severity, _lerp(CCS_REDUCTION_DRAWN[severity], q[0]), 2.5 + 1.5 * q[1], 7.0 + 3.0 * q[2],
+    return Stenosis(level, severity, _lerp(CCS_REDUCTION_DRAWN[severity], q[0]), 2.5 + 1.5 * q[1], 6.0 + 3.0 * q[2],
                     0.6 + 0.1 * q[3])

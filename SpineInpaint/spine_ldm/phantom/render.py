@@ -215,7 +215,7 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     ramp = np.clip((s - s_l1) / (s_l5 - s_l1), 0, 1)
     m = (s > s_l1) & (s < s_l5 + 12) & (n < -1) & (n > -(Dp + 2 + 14 * ramp))
     i = np.flatnonzero(m)
-    P.paint_sym(band[i], xm[i], Wp[i] / 2 - 4 + 0 * ramp[i], np.full(i.size, 80.0, F32), L.PSOAS)
+    P.paint_sym(band[i], xm[i], Wp[i] / 2 - 4, np.full(i.size, 80.0, F32), L.PSOAS)
     # aorta (left of midline) down to L4, IVC (right) down to L5
     for xoff, rx, rn, nd, s_end in ((15.0, 9.5, 9.5, 12.0, 0.5 * (st["L4"] + sb["L4"])),
                                     (-18.0, 11.0, 7.0, 9.0, 0.5 * (st["L5"] + sb["L5"]))):
@@ -255,7 +255,7 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     # ------------------------------------------------------------------ ligamentum flavum (+ thickening)
     lam_ranges = []
     names = list(SEGMENTS)
-    for k, name in enumerate(LUMBAR):
+    for name in LUMBAR:
         nxt = names[names.index(name) + 1]
         lam_ranges.append((st[name] + 0.3 * (sb[name] - st[name]), sb[name] + 0.55 * (st[nxt] - sb[name])))
     in_gap = np.zeros(s.size, bool)
@@ -429,6 +429,7 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     fh = np.zeros_like(s)
     for c in ccss:
         fh = np.maximum(fh, 4.0 * c.profile(s - F32(anat.gap_s[c.level])))
+    fh = np.where(n < cap + 4.0, fh, F32(0))  # hypertrophy of the superior articular process (lateral recess)
     m = (s > s_top) & (s < st["S1"] + 14.0) & (n > 0.55 * cap) & (n < cap + lt + 3)
     i = np.flatnonzero(m)
     for shrink, label in ((0.0, L.CORTEX), (1.1, L.POSTERIOR_MARROW)):
