@@ -174,6 +174,21 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
 
+    def onReload(self):
+        """Developer "Reload": also reload SpineInpaintLib (dependency order), not just this file."""
+        import importlib
+        import sys
+
+        import SpineInpaintLib
+
+        if self.job is not None:
+            self.job.cancel()
+        for name in SpineInpaintLib.SUBMODULES:
+            module = sys.modules.get(f"SpineInpaintLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def onSceneStartClose(self, caller, event):
         if self.job is not None and self.job.state == "running":
             self.job.cancel()

@@ -468,6 +468,11 @@ def test_logic_with_real_backend(scene, tmp_path):
     prov = nodes.getProvenanceAttributes(out[0])
     assert prov["seed"] == 3 and prov["steps"] == 2 and prov["model_id"] == "demo-small-weighted"
     assert set(prov["weights_sha256"]) >= {"autoencoder", "unet"}
+    contract = {"spine_ldm_version", "model_id", "weights_sha256", "method", "seed", "sample_index", "steps",
+                "sampler", "sigma_mm", "landmark_lps", "landmark_ras", "level", "condition", "device", "created"}
+    assert contract <= set(prov), contract - set(prov)  # DEVELOPERS.md provenance keys, all on the node
+    np.testing.assert_allclose(prov["landmark_ras"], ras_of_ijk(vol, centre_ijk), atol=1e-6)
+    assert prov["sigma_mm"] == 16.0 and prov["method"] == "weighted" and prov["level"] == "L4-L5"
     arr = slicer.util.arrayFromVolume(out[0])
     assert arr.dtype == before["array"].dtype and arr.shape == before["array"].shape
     changed = np.argwhere(arr != before["array"])

@@ -12,10 +12,13 @@ Everything here runs inside the 3D Slicer Python process (or headless ``slicer-c
 - ``models``: the versioned model list (Models.json) with sha256 status.
 - ``layout``: compare layout (input | sample 1..K) with linked slices centred on the landmark.
 - ``logic``: ``InpaintLogic``, usable from the Python console and PythonSlicer scripts without the widget.
+- ``sampledata``: the synthetic phantom (volume + labelled disc centres + landmark) for trying the module.
+- ``rating``: logic of the reader-study panel (module ``SpineInpaintRating``).
 
 Nothing in this package imports torch, qt or ctk at import time: the heavy work always runs in the
 backend process (``spine-ldm``) or on a remote server. Submodules are imported lazily by the caller
 (``from SpineInpaintLib.logic import InpaintLogic``) so that importing the package is free.
 """
 
-SUBMODULES = ("parameters", "nodes", "runner", "remote", "dependencies", "level", "models", "layout", "logic")
+SUBMODULES = ("parameters", "nodes", "runner", "remote", "dependencies", "level", "models", "layout", "logic",
+              "sampledata", "rating")
