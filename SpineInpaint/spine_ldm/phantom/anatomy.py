@@ -85,6 +85,7 @@ class Gap:
     W: float
     is_disc: bool
     degeneration: float = 0.0  # 0 healthy .. 1 severely desiccated
+    cleft: bool = False  # intranuclear cleft
 
     @property
     def d(self):
@@ -188,6 +189,7 @@ class Anatomy:
     t_front_fat: float
     marrow: dict  # label -> marrow intensity
     nucleus: dict  # nucleus label -> intensity
+    basivertebral: float = 1.5  # half height of the basivertebral vein channel (mm)
 
     def xm(self, s):
         a, lam, ph = self.scol
@@ -327,9 +329,13 @@ def build(rng: np.random.Generator) -> Anatomy:
         nucleus[DISC_LABELS[gname][1]] = float(nucleus_level * (1 - 0.6 * degen[k]) * u(0.95, 1.05))
 
     y_front = min(sg.point(0, -sg.D / 2)[0] for sg in segs[:6])
+    age = u(0.0, 1.0)  # drawn last so that earlier draws keep their meaning
+    for gp in gaps[:N_DISCS]:
+        gp.cleft = bool(u() < 0.2 + 0.7 * age)  # intranuclear cleft (fibrous band) of adult discs
+    bvv = u(1.0, 2.2)  # basivertebral vein half height (mm)
     return Anatomy(segments=segs, gaps=gaps, curve=curve, prof=prof, xm0=u(-1.5, 1.5),
                    scol=(u(0.0, 1.5), u(150.0, 300.0), u(0, 6.28)), s_conus=s_conus, s_sac_end=s_sac_end,
                    roots=roots, seg_s=seg_s, gap_s=gap_s, gap_margin_n=gap_margin_n, pedicle_w=u(7.0, 9.0),
                    lamina_t=lam_t, spinous=spinous, facet_tilt=np.deg2rad(u(25.0, 45.0)),
                    y_front_skin=float(y_front - u(95.0, 150.0)), t_front_fat=u(8.0, 25.0), marrow=marrow,
-                   nucleus=nucleus)
+                   nucleus=nucleus, basivertebral=bvv)

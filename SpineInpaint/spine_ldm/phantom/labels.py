@@ -28,6 +28,7 @@ PSOAS = 39
 HERNIATION = 40  # herniated disc material beyond the normal posterior disc margin
 HERNIATION_RIM = 41  # its low-signal rim (outer annulus / posterior longitudinal ligament / dura)
 FACET_JOINT = 42  # facet joint cartilage and fluid
+BASIVERTEBRAL = 43  # basivertebral vein (posterior mid-body venous channel)
 ABDOMEN = 50  # abdominal / pelvic contents (bowel, mesenteric and retroperitoneal fat), textured
 VESSEL = 51  # aorta / inferior vena cava (flow void)
 SKIN = 52
@@ -69,6 +70,7 @@ LABELS: dict[int, str] = {
     HERNIATION: "disc herniation (disc material beyond the posterior disc margin)",
     HERNIATION_RIM: "disc herniation rim (outer annulus / PLL)",
     FACET_JOINT: "facet joint (cartilage, fluid)",
+    BASIVERTEBRAL: "basivertebral vein",
     ABDOMEN: "abdominal / pelvic soft tissue",
     VESSEL: "aorta / inferior vena cava (flow void)",
     SKIN: "skin",
@@ -84,7 +86,7 @@ CANAL_LABELS = (CSF, NEURAL)  # thecal sac content: what "canal cross-section" m
 _BASE = {
     AIR: 0.0, CSF: 930.0, NEURAL: 250.0, EPIDURAL_FAT: 720.0, POSTERIOR_MARROW: 360.0, CORTEX: 40.0,
     FLAVUM: 105.0, MUSCLE: 185.0, SUBCUT_FAT: 800.0, LIGAMENT: 85.0, PSOAS: 190.0, HERNIATION: 560.0,
-    HERNIATION_RIM: 120.0, FACET_JOINT: 520.0, ABDOMEN: 330.0, VESSEL: 60.0, SKIN: 330.0,
+    HERNIATION_RIM: 120.0, FACET_JOINT: 520.0, BASIVERTEBRAL: 560.0, ABDOMEN: 330.0, VESSEL: 60.0, SKIN: 330.0,
 }
 _FINE = {
     CSF: 0.02, NEURAL: 0.08, EPIDURAL_FAT: 0.05, POSTERIOR_MARROW: 0.08, CORTEX: 0.2, FLAVUM: 0.1, MUSCLE: 0.12,

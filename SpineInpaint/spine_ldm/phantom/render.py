@@ -345,6 +345,9 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
             hw = a_x * _sqrt_pos(1 - (u / a_u) ** 2 - ((v - 0.06 * gp.D) / a_v) ** 2)
             hw = np.where(hw > 0, hw, F32(-1))
             P.paint(band[i], xc - hw, xc + hw, nuc)
+            if gp.cleft:  # thin fibrous band through the nucleus (dark line on sagittal T2)
+                hwc = np.where(np.abs(u) < 0.45, 0.85 * hw, F32(-1))
+                P.paint(band[i], xc - hwc, xc + hwc, ann, _allowed(nuc))
         else:
             mm = (np.abs(v) <= gp.D / 2 - 0.3) & (np.abs(u) <= h / 2 + 1.5)
             hw = np.where(mm, _superellipse_hw(v, gp.D / 2, gp.W / 2), F32(-1))
@@ -367,6 +370,11 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
             hw = _superellipse_hw(v, sg.D / 2, sg.W / 2) - shrink_v
             hw = np.where(q <= 1, hw, F32(-1))
             P.paint(band[i], xc - hw, xc + hw, label)
+        if sg.name in LUMBAR + ("S1",):  # basivertebral vein entering the posterior wall at mid-height
+            bh = anat.basivertebral
+            ok = (np.abs(u) < bh * np.clip((v - (sg.D / 2 - 9.0)) / 3.0, 0, 1)) & (v < sg.D / 2 + 0.2)
+            P.paint(band[i], xc - np.where(ok, F32(2.0), F32(-9)), xc + np.where(ok, F32(2.0), F32(-9)),
+                    L.BASIVERTEBRAL, _allowed(lab, L.CORTEX))
 
     # ------------------------------------------------------------------ disc herniation
     # A dome on the posterior disc margin: from 2.5 mm inside the disc (annular tear, nucleus signal) out to
