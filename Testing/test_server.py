@@ -321,3 +321,58 @@ def test_server_result_identical_to_cli(make_client, tmp_path):
     assert not np.array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(img))
     for key in ("spine_ldm_seed", "spine_ldm_model_id", "spine_ldm_weights_sha256", "spine_ldm_steps"):
         assert served.GetMetaData(key) == local.GetMetaData(key)
+
+
+# ---------------------------------------------------------------------------------------------- spine-ldm serve
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _wait_health(url, proc, timeout=60.0):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            return httpx.get(url + "/health", timeout=1.0).json()
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come up")
+
+
+@pytest.mark.parametrize("mode", ["token-file", "generated"])
+def test_cli_serve_end_to_end(tmp_path, mode):
+    """``spine-ldm serve`` (the pipeline helper's CLI) starts this server with the given or a printed token."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "spine_ldm.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-request-mb", "1"]
+    if mode == "token-file":
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        cmd += ["--token-file", str(tmp_path / "token")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        token = TOKEN
+        if mode == "generated":  # printed once on stderr before the server starts
+            assert "no --token given" in proc.stderr.readline()
+            token = proc.stderr.readline().strip()
+            assert len(token) >= 32 and token != TOKEN
+        assert _wait_health(url, proc)["status"] == "ok"
+        assert httpx.get(url + "/models").status_code == 401
+        assert httpx.get(url + "/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + "/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        r = httpx.post(url + "/jobs", headers={"Authorization": f"Bearer {token}"},
+                       files={"image": ("x.nrrd", b"0" * (2 << 20))}, data={"params": "{}"})
+        assert r.status_code == 413 and "limit 1 MB" in r.json()["detail"]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
