@@ -565,6 +565,10 @@ def test_lib_never_imports_torch_qt_or_ctk():
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import SpineInpaintLib.logic, SpineInpaintLib.nodes, SpineInpaintLib.runner, SpineInpaintLib.remote\n"
             "import SpineInpaintLib.dependencies, SpineInpaintLib.models, SpineInpaintLib.layout, SpineInpaintLib.level\n"
+            "import SpineInpaintLib.sampledata\n"
+            "from SpineInpaintLib import nodes, models, dependencies\n"
+            "assert nodes.rasToLps((1, 2, 3)) == (-1.0, -2.0, 3.0)\n"
+            "models.listModels(); dependencies.torchStatus(); dependencies.missingRequirements()\n"
             "bad = [m for m in ('torch', 'monai', 'qt', 'ctk') if m in sys.modules]\n"
             "print(','.join(bad))\n") % str(MODULE_DIR)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
