@@ -915,3 +915,20 @@ def test_widget_flow_with_fake_qt(scene, monkeypatch, fake_backend):
     finally:
         w.cleanup()
         sys.modules.pop("SpineInpaint", None)
+
+
+def test_logic_start_failure_cleans_up(scene, tmp_path, monkeypatch):
+    vol = make_volume_node(scene)
+    lm = add_points(scene, [ras_of_ijk(vol, (12, 12, 4))])
+    made = []
+    real_mkdtemp = __import__("tempfile").mkdtemp
+    monkeypatch.setattr("tempfile.mkdtemp", lambda **k: made.append(real_mkdtemp(**k)) or made[-1])
+    logic = InpaintLogic(scene, python=str(tmp_path / "no-such-python"))
+    n = scene.GetNumberOfNodes()
+    with pytest.raises(OSError):
+        logic.start(vol, lm, InpaintParameters())
+    assert made and not os.path.exists(made[0]) and scene.GetNumberOfNodes() == n
+    with pytest.raises(ValueError, match="Samples must be 1..16"):
+        logic.start(vol, lm, InpaintParameters(samples=0))
+    with pytest.raises(ValueError, match="select an input volume"):
+        logic.start(None, lm, InpaintParameters())

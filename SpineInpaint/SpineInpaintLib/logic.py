@@ -114,7 +114,10 @@ class InpaintJob:
         if self.current.state == DONE:
             self.doneEvents.append((self.methods[self.runIndex], self.current.result))
             if self.runIndex + 1 < len(self.methods):
-                self._startNext()
+                try:
+                    self._startNext()
+                except Exception as e:  # e.g. the interpreter vanished: end the job, never raise into the GUI
+                    self._finish(FAILED, f"Could not start the backend: {e}")
             else:
                 self._loadAll()
         elif self.current.state == FAILED:
