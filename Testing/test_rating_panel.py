@@ -73,7 +73,7 @@ def scene():
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     return make_demo_study(tmp_path_factory.mktemp("rp") / "s", n_inpainted_per_method=1, n_real_pathological=1,
-                           n_real_healthy=1, seed=2)
+                           n_real_healthy=1, seed=2, phantom_spacing=(2.0, 2.0, 4.3))
 
 
 def _views(scene):

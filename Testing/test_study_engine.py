@@ -21,6 +21,7 @@ from spine_ldm.study.engine import (METHODS, Study, create_study, inpainted_sour
                                    parse_mix, real_sources, reader_order)
 from spine_ldm.study.store import AnswerStore, hash_token
 
+FAST = (2.0, 2.0, 4.3)  # coarse phantom spacing: the tests need geometry and blinding, not image quality
 HIDDEN_WORDS = ("weighted", "masked", "repaint", "inpaint", "real_pathological", "real_healthy", "truth",
                 "spine_ldm", "demo-small", "provenance", "healthy")
 
@@ -28,7 +29,8 @@ HIDDEN_WORDS = ("weighted", "masked", "repaint", "inpaint", "real_pathological",
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    return make_demo_study(root / "s", n_inpainted_per_method=2, n_real_pathological=2, n_real_healthy=2, seed=3)
+    return make_demo_study(root / "s", n_inpainted_per_method=2, n_real_pathological=2, n_real_healthy=2, seed=3,
+                           phantom_spacing=FAST)
 
 
 def _hidden_strings(study: Study) -> list[str]:
@@ -99,7 +101,8 @@ def test_study_json_has_no_hidden_field(demo):
 
 
 def test_fov_whole_keeps_grid_and_same_for_real_and_inpainted(tmp_path):
-    st = make_demo_study(tmp_path / "w", n_inpainted_per_method=1, n_real_pathological=1, n_real_healthy=1, fov="whole")
+    st = make_demo_study(tmp_path / "w", n_inpainted_per_method=1, n_real_pathological=1, n_real_healthy=1, fov="whole",
+                         phantom_spacing=FAST)
     truth = st.load_truth()
     for cid in st.case_ids:
         src = sitk.ReadImage(truth[cid]["source"])
@@ -179,8 +182,13 @@ def test_reader_order_reproducible_per_seed_and_different_across_readers(demo):
 
 def test_tokens_stored_hashed_and_authentication(demo):
     reader, token = demo.add_reader("hash-check")
-    raw = b"".join(p.read_bytes() for p in demo.root.glob("answers.sqlite*"))
-    assert token.encode() not in raw
+    # read the raw files in ANOTHER process: open()/close() of a database file in this process would drop
+    # SQLite's POSIX locks held by our own connections (a documented way to corrupt a database)
+    probe = subprocess.run([sys.executable, "-c", "import sys, glob; raw = b''.join(open(p, 'rb').read() for p in "
+                            "glob.glob(sys.argv[1] + '/answers.sqlite*')); print(sys.argv[2].encode() in raw, "
+                            "sys.argv[3].encode() in raw)", str(demo.root), token, hash_token(token)],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.split() == ["False", "True"], probe.stderr
     assert demo.store.authenticate(token) == reader
     assert demo.store.authenticate(token + "x") is None and demo.store.authenticate("") is None
     con = sqlite3.connect(demo.root / "answers.sqlite")
@@ -297,7 +305,8 @@ def test_concurrent_reader_processes(demo, tmp_path):
 
 
 def test_sigkill_during_writes_loses_at_most_one_answer(tmp_path):
-    st = make_demo_study(tmp_path / "k", n_inpainted_per_method=1, n_real_pathological=1, n_real_healthy=1)
+    st = make_demo_study(tmp_path / "k", n_inpainted_per_method=1, n_real_pathological=1, n_real_healthy=1,
+                         phantom_spacing=FAST)
     _, token = st.add_reader("killed")
     p = subprocess.Popen([sys.executable, "-c", _WRITER, str(st.root), token, "-1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -330,7 +339,7 @@ def test_cli_demo_add_reader_export(tmp_path, capsys):
     from spine_ldm.study.report import export_answers
 
     assert main(["demo", "--out", str(tmp_path / "c"), "--per-method", "1", "--real-pathological", "1",
-                 "--real-healthy", "0"]) == 0
+                 "--real-healthy", "0", "--phantom-spacing", "2", "2", "4.3"]) == 0
     capsys.readouterr()
     assert main(["add-reader", str(tmp_path / "c"), "carol", "--seed", "5"]) == 0
     token = capsys.readouterr().out.strip()

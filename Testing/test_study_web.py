@@ -28,7 +28,7 @@ HIDDEN_WORDS = ("weighted", "masked", "repaint", "inpaint", "real_pathological",
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     return make_demo_study(tmp_path_factory.mktemp("web") / "s", n_inpainted_per_method=2, n_real_pathological=2,
-                           n_real_healthy=2, seed=5)
+                           n_real_healthy=2, seed=5, phantom_spacing=(1.25, 1.25, 4.3))
 
 
 def _hidden(study) -> list[str]:
@@ -132,7 +132,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(page, expr: str, timeout: float = 30.0) -> None:
+def _wait(page, expr: str, timeout: float = 60.0) -> None:
     """Poll a JS expression (page.wait_for_function would need 'unsafe-eval', which the app's CSP forbids)."""
     t0 = time.monotonic()
     while not page.evaluate(expr):
@@ -178,7 +178,7 @@ def test_reader_app_end_to_end(study, server):
             page.press("#token", "Enter")
 
             def at_case(i, what=page):
-                _wait(what, f"document.body.dataset.caseIndex === '{i}' && "
+                _wait(what, f"document.body.dataset.caseIndex === '{i}' && document.body.dataset.ready === '1' && "
                             "document.getElementById('viewer-status').textContent.startsWith('slice')")
 
             at_case(0)
@@ -253,10 +253,9 @@ def test_reader_app_end_to_end(study, server):
             assert "(0 answered)" in pb.inner_text("#progress")
             sb = study.session(tb)
             j = sb.order.index(sa.order[0])
-            while pb.evaluate("document.body.dataset.caseIndex") != str(j):
+            for k in range(j):
                 pb.keyboard.press("ArrowRight")
-                pb.wait_for_timeout(50)
-            at_case(j, pb)
+                at_case(k + 1, pb)
             assert pb.inner_text("#case-id") == sa.order[0]
             assert pb.get_attribute("#q-realistic-yes", "aria-pressed") == "false"
             assert pb.get_attribute("#q-pathology_present-yes", "aria-pressed") == "false"

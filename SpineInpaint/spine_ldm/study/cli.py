@@ -45,7 +45,7 @@ def _cmd_demo(args) -> int:
 
     st = make_demo_study(args.out, n_inpainted_per_method=args.per_method, n_real_pathological=args.real_pathological,
                          n_real_healthy=args.real_healthy, seed=args.seed, fov=args.fov, condition=args.condition,
-                         fsu_shape=PAPER_FSU_SHAPE, phantom_spacing=(0.625, 0.625, 4.3))
+                         fsu_shape=PAPER_FSU_SHAPE, phantom_spacing=tuple(args.phantom_spacing))
     print(json.dumps({"study": str(st.root), "cases": len(st.cases), "truth": str(st.truth_path())}))
     return 0
 
@@ -126,6 +126,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--fov", choices=("fsu", "whole"), default="fsu")
     q.add_argument("--condition", default="dh_moderate_large", help="condition drawn and asked about")
+    q.add_argument("--phantom-spacing", type=float, nargs=3, default=(0.625, 0.625, 4.3), metavar=("AP", "SI", "LR"),
+                   help="voxel spacing (mm) of the phantom volumes (default 0.625 0.625 4.3)")
     q.set_defaults(func=_cmd_demo)
 
     q = sub.add_parser("add-reader", help="create a reader; prints the token (only its hash is stored)")

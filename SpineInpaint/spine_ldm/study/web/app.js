@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { token: null, session: null, index: 0, total: 0, caseData: null, values: {}, shownAt: 0,
-                nv: null, nvError: null, zoom: 1, landmark: true, busy: false };
+                nv: null, nvError: null, zoom: 1, landmark: true, busy: false, pendingSave: false };
 
 // ------------------------------------------------------------------ API
 async function api(path, opts = {}) {
@@ -202,6 +202,7 @@ async function openCase(i) {
   if (i >= state.total) return showDone();
   if (i < 0) return;
   state.busy = true;
+  document.body.dataset.ready = "0";
   try {
     const c = await api(`/api/case/${i}`);
     state.index = i; state.caseData = c; state.values = Object.assign({}, c.answer || {});
@@ -220,11 +221,17 @@ async function openCase(i) {
     $("message").textContent = "Could not load the case: " + e.message;
   } finally {
     state.busy = false;
+    document.body.dataset.ready = "1";
+  }
+  if (state.pendingSave) {  // Enter pressed while the case was loading: apply it now
+    state.pendingSave = false;
+    await saveAndNext();
   }
 }
 
 async function saveAndNext() {
-  if (state.busy || !state.caseData) return;
+  if (!state.caseData) return;
+  if (state.busy) { state.pendingSave = true; return; }
   const miss = missingRequired();
   if (miss.length) {
     $("message").textContent = "Please answer: " + miss.map((q) => q.text).join(", ");
@@ -272,8 +279,8 @@ function onKey(e) {
     if (Number(k) >= (q.min || 1) && Number(k) <= (q.max || 5)) setValue(q.id, Number(k));
   }
   else if (k === "Enter") saveAndNext();
-  else if (k === "ArrowLeft" || up === "B") openCase(state.index - 1);
-  else if (k === "ArrowRight") openCase(state.index + 1);
+  else if (k === "ArrowLeft" || up === "B") { if (!state.busy) openCase(state.index - 1); }
+  else if (k === "ArrowRight") { if (!state.busy) openCase(state.index + 1); }
   else if (k === "ArrowUp") moveSlice(1);
   else if (k === "ArrowDown") moveSlice(-1);
   else if (k === "+" || k === "=") zoom(1.25);
