@@ -21,7 +21,8 @@ class SpineInpaintRating(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SpineInpaint contributors"]
         self.parent.helpText = (
-            "Blinded reader study for inpainted lumbar-spine pathology: open a study folder with your reader token, "
+            "Blinded reader study for inpainted lumbar-spine pathology: open a study folder or the study server's "
+            "URL (spine-ldm study serve) with your reader token, "
             "then answer 'Realistic?' and '&lt;condition&gt; present?' for each case.<br>"
             "Keys: <b>Y</b>/<b>N</b> realistic, <b>P</b>/<b>A</b> pathology present/absent, <b>1-5</b> confidence, "
             "<b>Enter</b> save &amp; next, <b>B</b> back, <b>L</b> landmark on/off. Answers are saved immediately and "
@@ -90,7 +91,8 @@ class SpineInpaintRatingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         lm.setLayout(RATING_LAYOUT_ID)
         slicer.app.processEvents()
         try:
-            self.logic.rating.openStudy(self.ui.studyDirPathLineEdit.currentPath, self.ui.tokenLineEdit.text)
+            location = self.ui.studyUrlLineEdit.text.strip() or self.ui.studyDirPathLineEdit.currentPath
+            self.logic.rating.openStudy(location, self.ui.tokenLineEdit.text)
         except Exception as e:  # noqa: BLE001 - shown to the reader, one line
             self.ui.statusLabel.text = f"Could not open the study: {e}"
             return

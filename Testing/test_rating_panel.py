@@ -176,3 +176,51 @@ def test_bad_token_and_other_readers_answers_invisible(scene, study):
     idx = other.session.order.index(cid)
     other.loadCase(idx)
     assert other.values == {} and other.session.answers() == {}
+
+
+def test_remote_study_server(scene, study):
+    """The panel as a client of `spine-ldm study serve`: same keys, answers land in the server's store."""
+    pytest.importorskip("fastapi")
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from spine_ldm.study.web import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(study.root), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    while not srv.started and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        logic = rating.RatingLogic(scene)
+        with pytest.raises(InputError, match="unknown reader token"):
+            logic.openStudy(url, "wrong")
+        reader, token = study.add_reader("panel-remote", seed=13)
+        p = logic.openStudy(url, token)
+        assert p["resume_index"] == 0 and logic.warnings == []  # the truth key stays on the server
+        order = study.session(token).order
+        assert logic.volumeNode.GetName() == order[0] and not logic.volumeNode.GetAttributeNames()
+        import SimpleITK as sitk
+
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(logic.volumeNode),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(study.volume_path(order[0])))))
+        assert logic.questionText("pathology_present") == "Moderate/large disc herniation present?"
+        for k in ("Y", "A", "2", "Return", "N", "P", "Return"):
+            logic.handleKey(k)
+        assert logic.progressText() == f"3 / {len(order)}"
+        ans = study.store.latest_answers(reader.reader_id)
+        assert ans[order[0]].values == {"realistic": "yes", "pathology_present": "no", "confidence": 2}
+        assert ans[order[1]].values == {"realistic": "no", "pathology_present": "yes"}
+        assert {a.client for a in ans.values()} == {"slicer"}
+        assert rating.RatingLogic(scene).openStudy(url, token)["resume_index"] == 2
+    finally:
+        srv.should_exit = True
+        th.join(10)

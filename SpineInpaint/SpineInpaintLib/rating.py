@@ -5,10 +5,17 @@ seeded order, and records the answers in the study's answer store through ``spin
 (the same store as the browser app). Pure MRML + engine calls, so it runs under headless ``slicer-core``;
 the Qt widget (``SpineInpaintRating.py``) only forwards button clicks and shortcuts here.
 
+Two ways to reach a study:
+
+- a study **URL** (``http(s)://host:port`` of ``spine-ldm study serve``): the panel is a client of the same
+  HTTP API as the browser app; the truth key and the answer store never leave the server (recommended for
+  several readers);
+- a local study **folder**: answers go straight into its ``answers.sqlite``. Hand a reader a copy WITHOUT
+  ``organizer/`` (the truth key); ``openStudy`` warns when the key is still there.
+
 Blinding on the Slicer side: the volume node is named with the anonymous case id, carries no attributes,
-and is loaded from the anonymized NRRD through SimpleITK (geometry only, no storage node pointing elsewhere).
-Hand a reader a copy of the study folder WITHOUT ``organizer/`` (the truth key); ``openStudy`` reports
-when the key is still there.
+and is loaded from the anonymized NRRD through SimpleITK (geometry only, no storage node pointing elsewhere;
+a downloaded volume's temporary file is deleted right after loading).
 
 Keyboard shortcuts (same letters as the browser app): Y / N realistic yes / no, P / A pathology present /
 absent, 1-5 confidence, Enter save & next, B back, L landmark on / off. Slice scrolling, zoom and
@@ -64,6 +71,85 @@ def lpsToRas(p) -> tuple:
     return (-float(p[0]), -float(p[1]), float(p[2]))
 
 
+class _RemoteReader:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class RemoteReaderSession:
+    """The reader-session interface of ``spine_ldm.study.engine.ReaderSession`` over the study server's HTTP API."""
+
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        _ensureBackendImportable()
+        from spine_ldm.errors import InputError
+
+        self._InputError = InputError
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = float(timeout)
+        info = self._request("POST", "/api/login", {"token": token}, auth=False)
+        self.reader = _RemoteReader(info["reader"])
+        self._questions = info["questions"]
+        self.total = int(info["total"])
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True, raw: bool = False):
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read().decode("utf-8")).get("detail", e.reason)
+            except Exception:  # noqa: BLE001
+                detail = e.reason
+            if e.code == 401:
+                raise self._InputError("unknown reader token") from None
+            raise self._InputError(f"study server: {detail} (HTTP {e.code})") from None
+        except urllib.error.URLError as e:
+            raise self._InputError(f"cannot reach the study server at {self.url}: {e.reason}") from None
+        return payload if raw else json.loads(payload.decode("utf-8"))
+
+    def progress(self) -> dict:
+        p = self._request("GET", "/api/session")
+        return {"answered": int(p["answered"]), "total": int(p["total"]), "resume_index": int(p["resume_index"])}
+
+    def resume_index(self) -> int:
+        return self.progress()["resume_index"]
+
+    def answered(self) -> int:
+        return self.progress()["answered"]
+
+    def case(self, index: int, record_view: bool = False) -> dict:
+        return self._request("GET", f"/api/case/{int(index)}")
+
+    def questions(self, condition: Optional[str] = None) -> list[dict]:
+        from spine_ldm.study.engine import condition_label
+
+        out = []
+        for q in self._questions:
+            q = dict(q)
+            if condition is not None:
+                q["text"] = q["text"].replace("{condition}", condition_label(condition))
+            out.append(q)
+        return out
+
+    def answer(self, case_id: str, values: dict, seconds: Optional[float] = None, client: str = CLIENT) -> dict:
+        return self._request("POST", "/api/answer", {"case_id": case_id, "values": values, "seconds": seconds,
+                                                     "client": client})
+
+    def volume_bytes(self, case: dict) -> bytes:
+        return self._request("GET", case["volume_url"], raw=True)
+
+
 class RatingLogic:
     """State of one reader's rating session in a Slicer scene."""
 
@@ -84,16 +170,21 @@ class RatingLogic:
 
     # ------------------------------------------------------------------ study / reader
     def openStudy(self, studyDir: str, token: str) -> dict:
-        """Authenticate the reader and load the first unanswered case. Returns the progress dict."""
+        """Authenticate the reader (study folder or server URL) and load the first unanswered case.
+        Returns the progress dict."""
         _ensureBackendImportable()
         from spine_ldm.study.engine import Study
 
-        study = Study.load(studyDir)
-        session = study.session(token.strip())  # raises InputError("unknown reader token")
+        location = str(studyDir).strip()
+        if location.startswith(("http://", "https://")):
+            study, session = None, RemoteReaderSession(location, token.strip())
+        else:
+            study = Study.load(location)
+            session = study.session(token.strip())  # raises InputError("unknown reader token")
         self.close()
         self.study, self.session = study, session
         self.warnings = []
-        if study.truth_path().exists():
+        if study is not None and study.truth_path().exists():
             self.warnings.append("The truth key (organizer/truth.json) is inside this study folder: "
                                  "give readers a copy without the 'organizer' folder.")
         start = session.resume_index()
@@ -141,7 +232,20 @@ class RatingLogic:
         self._removeCaseNodes()
         self.index, self.case = int(index), case
         self.values = dict(case.get("answer") or {})
-        self.volumeNode = self._loadVolume(self.study.volume_path(case["case_id"]), case["case_id"])
+        if self.study is not None:
+            self.volumeNode = self._loadVolume(self.study.volume_path(case["case_id"]), case["case_id"])
+        else:
+            import shutil
+            import tempfile
+
+            tmp = tempfile.mkdtemp(prefix="spine-rating-")
+            try:
+                path = os.path.join(tmp, "volume.nrrd")
+                with open(path, "wb") as fh:
+                    fh.write(self.session.volume_bytes(case))
+                self.volumeNode = self._loadVolume(path, case["case_id"])
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         self._setupViews()
         self.setLandmarkVisible(self.showLandmark)
         self._shownAt = time.monotonic()

@@ -6,7 +6,8 @@ Endpoints (all ``/api/*`` except login need ``Authorization: Bearer <reader toke
 - ``GET  /api/session``              -> same as login
 - ``GET  /api/case/{index}``         -> the case at ``index`` in this reader's order (public fields + own answer)
 - ``GET  /api/volume/{case_id}``     -> the anonymized NRRD (geometry only)
-- ``POST /api/answer``               ``{"case_id", "values": {...}, "seconds"}`` -> progress
+- ``POST /api/answer``               ``{"case_id", "values": {...}, "seconds", "client"}`` -> progress
+  (``client``: "web" (default) or "slicer": the Slicer rating panel can use this server as its store)
 
 Nothing here reads the truth key; responses are built from allow-listed public fields only
 (:func:`spine_ldm.study.blind.public_case`). Static files: ``/`` (index.html), ``/static/app.js``,
@@ -153,7 +154,10 @@ def create_app(study_dir):
             raise HTTPException(status_code=400, detail="seconds must be a number")
         if body["case_id"] not in s.order:
             raise HTTPException(status_code=404, detail="no such case")
-        return s.answer(body["case_id"], body.get("values") or {}, seconds, client="web")
+        client = body.get("client", "web")
+        if client not in ("web", "slicer"):
+            raise HTTPException(status_code=400, detail="client must be 'web' or 'slicer'")
+        return s.answer(body["case_id"], body.get("values") or {}, seconds, client=client)
 
     return app
 

@@ -67,7 +67,8 @@ function updateSliceUi() {
   s.max = String(Math.max(0, nx - 1));
   s.value = String(Math.round(frac[0] * nx - 0.5));
   const mm = nv.frac2mm(frac);
-  $("slice-mm").textContent = `${mm[0] >= 0 ? "+" : ""}${mm[0].toFixed(1)} mm from landmark (R+)`;
+  const off = Math.abs(mm[0]) < 0.05 ? 0 : mm[0];
+  $("slice-mm").textContent = `${off >= 0 ? "+" : ""}${off.toFixed(1)} mm from landmark (R+)`;
   $("viewer-status").textContent = `slice ${Number(s.value) + 1} / ${nx}`;
 }
 
