@@ -251,3 +251,26 @@ def test_interrupt_exits_130_and_writes_nothing(setup, tmp_path, sig):
     last = _events(rest)[-1]
     assert last["event"] == "error" and last["kind"] == "cancelled"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_wiring_and_token_file(tmp_path, capsys, monkeypatch):
+    import spine_ldm.server as server
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda **kw: got.update(kw))
+    tok = tmp_path / "tok"
+    tok.write_text("s3cret\n")
+    rc, so, se = _main(["serve", "--port", "8123", "--token-file", str(tok), "--registry", "R.json",
+                        "--max-request-mb", "64"], capsys)
+    assert rc == 0, se
+    assert got == {"host": "127.0.0.1", "port": 8123, "token": "s3cret", "registry": "R.json", "max_request_mb": 64.0}
+    tok.write_text("")
+    rc, so, se = _main(["serve", "--token-file", str(tok)], capsys)
+    assert rc == 2 and "is empty" in se
+
+
+def test_no_command_and_models_without_action(capsys):
+    rc, so, se = _main([], capsys)
+    assert rc == 2 and "inpaint" in so
+    rc, so, se = _main(["models"], capsys)
+    assert rc == 2 and "expected an action" in se
