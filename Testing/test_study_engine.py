@@ -373,3 +373,20 @@ def test_reads_provenance_written_by_the_pipeline(tmp_path):
     assert (src["method"], src["level"], src["condition"]) == ("masked", "L4-L5", "ccs_severe")
     assert src["landmark_lps"] == (1.5, -2.0, 3.25) and src["disc_center_lps"] is None
     assert src["provenance"]["input"] == "/secret/patient_x.nrrd"
+
+
+def test_warns_when_an_inpainted_case_comes_from_a_real_case_in_the_study(tmp_path):
+    img = sitk.Image(40, 40, 40, sitk.sitkFloat32) + 1.0
+    img.SetOrigin((-20.0, -20.0, -20.0))
+    sitk.WriteImage(img, str(tmp_path / "patient_7.nrrd"))
+    out = sitk.Image(img)
+    for k, v in {"method": "weighted", "level": "L4-L5", "condition": "dh_small", "landmark_lps": "[0, 0, 0]",
+                 "input": "patient_7.nrrd"}.items():
+        out.SetMetaData(f"spine_ldm_{k}", v)
+    sitk.WriteImage(out, str(tmp_path / "out.nrrd"))
+    (tmp_path / "real.csv").write_text("path,level,condition,landmark_lps\npatient_7.nrrd,L4-L5,none,0 0 0\n")
+    st = create_study(tmp_path / "s", inpainted_sources(str(tmp_path / "out.nrrd")), real_sources(tmp_path / "real.csv"),
+                      fov="whole")
+    assert len(st.warnings) == 1 and "patient_7.nrrd" in st.warnings[0]
+    assert json.loads(st.truth_path().read_text())["warnings"] == st.warnings
+    assert "patient_7" not in (st.root / "study.json").read_text()

@@ -34,7 +34,9 @@ def _cmd_create(args) -> int:
 
     st = create_study(args.out, inp, real, mix=args.mix, seed=args.seed, fov=args.fov, name=args.name,
                       truth_out=args.truth_out, progress=prog)
-    print(json.dumps({"study": str(st.root), "cases": len(st.cases),
+    for w in getattr(st, "warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps({"study": str(st.root), "cases": len(st.cases), "warnings": len(getattr(st, "warnings", [])),
                       "truth": str(args.truth_out or st.truth_path())}))
     return 0
 

@@ -459,6 +459,7 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
     if not chosen:
         raise InputError("the study would have no cases (check --inpainted / --real-manifest / --mix)")
     asked = sorted({c["condition"] for c in chosen if c["condition"] != "none"}) or ["dh_moderate_large"]
+    warnings = same_scan_warnings(chosen)
     out.mkdir(parents=True, exist_ok=True)
     vol_dir = out / "volumes"
     taken: set[str] = set()
@@ -490,11 +491,36 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
     tp = Path(truth_out) if truth_out else out / "organizer" / "truth.json"
     tp.parent.mkdir(parents=True, exist_ok=True)
     tp.write_text(json.dumps({"format": TRUTH_FORMAT, "version": STUDY_VERSION, "seed": int(seed), "mix": mixd,
-                              "cases": truth}, indent=1), encoding="utf-8")
+                              "warnings": warnings, "cases": truth}, indent=1), encoding="utf-8")
     (out / "study.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     study = Study.load(out)
     study.store  # create answers.sqlite now
+    study.warnings = warnings
     return study
+
+
+def _input_name(src: dict) -> str | None:
+    v = (src.get("provenance") or {}).get("input")
+    if not v:
+        return None
+    try:
+        v = json.loads(v)
+    except (ValueError, TypeError):
+        pass
+    return Path(str(v)).name if v and not str(v).startswith("<") else None
+
+
+def same_scan_warnings(cases: list[dict]) -> list[str]:
+    """Warnings for inpainted cases whose input scan (provenance ``input``, a file name) is also shown as a real
+    case: a reader who sees the same anatomy twice can tell which one was edited."""
+    real = {Path(c["path"]).name: c for c in cases if c["truth"] != "inpainted"}
+    out = []
+    for c in cases:
+        name = _input_name(c)
+        if c["truth"] == "inpainted" and name and name in real:
+            out.append(f"inpainted {Path(c['path']).name} was made from {name}, which is also in the study as a real "
+                       "case: readers may recognise the scan")
+    return out
 
 
 # ----------------------------------------------------------------------------- demo study
