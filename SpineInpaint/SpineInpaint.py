@@ -103,6 +103,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = False
         self._observedMarkups = []
         self._models = []
+        self._remoteModels = None  # models of the remote server, after "Test connection"
         self._deviceProbe = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -144,6 +145,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for edit in (self.ui.remoteUrlLineEdit, self.ui.remoteTokenFileLineEdit):
             edit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         self.ui.levelAutoCheckBox.connect("toggled(bool)", self.updateLevelSuggestion)
+        self.ui.remoteCheckBox.connect("toggled(bool)", self.onRemoteToggled)
 
         # buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -345,6 +347,12 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.populateModels(METHODS[max(0, index)], "")
         self.updateParameterNodeFromGUI()
 
+    def onRemoteToggled(self, *args):
+        """Local and remote backends have their own model lists."""
+        if not self._updatingGUI and self._parameterNode is not None:
+            p = self.currentParameters()
+            self.populateModels(p.method, p.model)
+
     def refreshModels(self):
         registry = self._parameterNode and self.currentParameters().registry or defaultRegistryPath()
         try:
@@ -358,14 +366,16 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         combo.addItem(_("default ({model})").format(model=models.defaultModelFor(method)), "")
-        for info in models.modelsForMethod(self._models, method):
+        remote = self.ui.remoteCheckBox.checked and self._remoteModels is not None
+        available = self._remoteModels if remote else self._models  # the server's list once connected
+        for info in models.modelsForMethod(available, method):
             combo.addItem(info.label(), info.id)
             combo.setItemData(combo.count - 1, info.tooltip(), qt.Qt.ToolTipRole)
         index = combo.findData(current) if current else 0
         combo.currentIndex = max(0, index)
         combo.blockSignals(wasBlocked)
         modelId = current or models.defaultModelFor(method)
-        info = next((m for m in self._models if m.id == modelId), None)
+        info = next((m for m in available if m.id == modelId), None)
         if info is None:
             self.ui.modelStatusLabel.text = _("Model {model} is not registered.").format(model=modelId)
         elif info.status != "ok":
@@ -540,8 +550,12 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 remoteModels = client.models()
             self.ui.remoteStatusLabel.text = _("Connected: spine-ldm {version}, {n} model(s), {q} job(s) queued").format(
                 version=health.get("version", "?"), n=len(remoteModels), q=health.get("queued", 0))
+            self._remoteModels = models.fromRemote(remoteModels)
         except (RemoteError, OSError) as e:
             self.ui.remoteStatusLabel.text = str(e)
+            self._remoteModels = None
+        p = self.currentParameters()
+        self.populateModels(p.method, p.model)
 
     def onLoadPhantomButton(self, *args):
         from SpineInpaintLib import sampledata

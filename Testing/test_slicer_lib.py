@@ -534,6 +534,18 @@ def test_models_list_with_sha_status(tmp_path):
     assert any("sha256 mismatch" in msg for msg in infos[data["models"][0]["id"]].messages)
 
 
+def test_models_from_remote_answer():
+    answer = [{"id": "srv-weighted", "method": "weighted", "config": "/opt/m/paper.yaml", "status": "ok",
+               "files": {"autoencoder": "ok", "unet": "ok"}, "sha256": {"unet": "cd" * 32}},
+              {"id": "srv-full", "method": "full", "config": "small", "status": "corrupt",
+               "files": {"autoencoder": "ok", "unet": "corrupt"}}, {"no": "id"}]
+    infos = models.fromRemote(answer)
+    assert [m.id for m in infos] == ["srv-weighted", "srv-full"]
+    assert infos[0].config == "paper.yaml" and infos[0].usable and infos[0].sha256 == {"unet": "cd" * 32}
+    assert not infos[1].usable and "unet: corrupt (on the server)" in infos[1].messages
+    assert [m.id for m in models.modelsForMethod(infos, "repaint")] == ["srv-full"]
+
+
 def test_dependencies_policy(tmp_path):
     reqs = dependencies.readRequirements()
     names = {dependencies.requirementName(r).lower() for r in reqs}

@@ -103,3 +103,19 @@ def listModels(registry: Optional[str] = None, verify: bool = True) -> list[Mode
 def modelsForMethod(models: list[ModelInfo], method: str) -> list[ModelInfo]:
     """Models that can run the inpainting ``method`` (RePaint uses 'full' models)."""
     return [m for m in models if method in inpaintMethodsFor(m.method)]
+
+
+def fromRemote(entries: list) -> list[ModelInfo]:
+    """ModelInfo list from a remote server's ``GET /models`` answer (status as verified on the server)."""
+    out = []
+    for d in entries or []:
+        if not isinstance(d, dict) or "id" not in d:
+            continue
+        files = d.get("files") or {}
+        out.append(ModelInfo(id=str(d["id"]), method=str(d.get("method", "")),
+                             config=os.path.basename(str(d.get("config", ""))),
+                             description=str(d.get("description", "")), license=str(d.get("license", "")),
+                             trainingData=str(d.get("training_data", "")), status=str(d.get("status", "unknown")),
+                             messages=[f"{name}: {st} (on the server)" for name, st in files.items()],
+                             sha256=dict(d.get("sha256") or {})))
+    return out
