@@ -398,21 +398,28 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         python, env = pythonExecutable(), backendEnvironment()  # Qt calls stay on the main thread
 
         def probe():
-            result["info"] = dependencies.probeDevice(python, env)
+            try:
+                result["info"] = dependencies.probeDevice(python, env)
+            except Exception as e:  # the label must never stay on "checking"
+                result["info"] = dependencies.DeviceInfo(error=str(e))
 
         self._deviceProbe = (threading.Thread(target=probe, daemon=True), result)
         self._deviceProbe[0].start()
         self.ui.deviceInfoLabel.text = _("checking the device...")
-        qt.QTimer.singleShot(500, self.updateDeviceLabel)
+        qt.QTimer.singleShot(500, self._waitForDeviceProbe)
+
+    def _waitForDeviceProbe(self):
+        thread, result = self._deviceProbe
+        if "info" not in result and thread.is_alive():
+            qt.QTimer.singleShot(500, self._waitForDeviceProbe)
+        else:
+            self.updateDeviceLabel()
 
     def updateDeviceLabel(self):
-        if self._deviceProbe is None:
+        """'CUDA found: <name>' or 'running on CPU, expect ~N s' for the current parameters."""
+        if self._deviceProbe is None or "info" not in self._deviceProbe[1]:
             return
-        thread, result = self._deviceProbe
-        if "info" not in result:
-            if thread.is_alive():
-                qt.QTimer.singleShot(500, self.updateDeviceLabel)
-            return
+        result = self._deviceProbe[1]
         p = self.currentParameters()
         info = next((m for m in self._models if m.id == (p.model or models.defaultModelFor(p.method))), None)
         self.ui.deviceInfoLabel.text = dependencies.deviceMessage(

@@ -848,6 +848,9 @@ def test_widget_flow_with_fake_qt(scene, monkeypatch, fake_backend):
     w = SpineInpaint.SpineInpaintWidget(parent=types.SimpleNamespace(isEntered=True))
     try:
         w.setup()
+        w._deviceProbe[0].join(10)
+        w._waitForDeviceProbe()
+        assert ui.deviceInfoLabel.text.startswith("running on CPU, expect ~"), ui.deviceInfoLabel.text
         landmark = ui.landmarkSelector.currentNode()
         assert landmark is not None and landmark.IsA("vtkMRMLMarkupsFiducialNode")  # ready for one click
         assert not ui.applyButton.enabled and "Select an input volume." in ui.applyButton.toolTip
