@@ -245,7 +245,11 @@ def build(rng: np.random.Generator) -> Anatomy:
         pts.append(sg.point(-sg.H / 2 + 1.0, sg.D / 2))
         pts.append(sg.point(sg.H / 2 - 1.0, sg.D / 2))
     last = segs[-1]
-    pts.append(last.point(last.H / 2 + 80.0, last.D / 2))
+    tail = last.point(last.H / 2, last.D / 2)  # coccyx: curves back to ~vertical below S4
+    for step, dth in ((15.0, 0.35), (15.0, 0.6), (60.0, 0.8)):
+        th = last.theta - dth
+        tail = tail + _dvec(th) * step
+        pts.append(tail.copy())
     curve = Curve(np.array(pts))
 
     def sproj(p):
