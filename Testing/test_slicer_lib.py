@@ -211,9 +211,11 @@ def test_parent_transform_and_outside_landmark(scene, tmp_path):
     np.testing.assert_allclose(req.landmarkRas, (10.0, 10.0, 6.0), atol=1e-9)
     np.testing.assert_allclose(req.landmarkIjk, (10.0, 10.0, 2.0), atol=1e-9)
 
-    far = add_points(scene, [(5.0 + 23.0 + 10.0, 10.0, 6.0)], name="far")  # i = 33, last voxel i = 23
-    with pytest.raises(ValueError, match=r"10\.0 mm outside volume 'T2'"):
+    far = add_points(scene, [(5.0 + 23.0 + 10.0, 10.0, 6.0)], name="far")  # i = 33, last voxel edge i = 23.5
+    with pytest.raises(ValueError, match=r"9\.5 mm outside volume 'T2'"):
         nodes.prepareBackendInput(vol, far, InpaintParameters(), str(tmp_path))
+    edge = add_points(scene, [(5.0 + 23.4, 10.0, 6.0)], name="edge")  # inside the last voxel, past its centre
+    assert nodes.prepareBackendInput(vol, edge, InpaintParameters(), str(tmp_path)).landmarkIjk[0] == pytest.approx(23.4)
     empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
     with pytest.raises(ValueError, match="no control point"):
         nodes.prepareBackendInput(vol, empty, InpaintParameters(), str(tmp_path))

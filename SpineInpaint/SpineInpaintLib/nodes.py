@@ -85,11 +85,11 @@ def rasToIjk(volumeNode, ras) -> np.ndarray:
 
 
 def distanceOutsideVolume(volumeNode, ras) -> float:
-    """0 inside the voxel-centre box of the volume, else the distance (mm, approx.) to it."""
+    """0 inside the volume's extent (voxel edges, what the slice views show), else the distance in mm to it."""
     dims = volumeNode.GetImageData().GetDimensions()
     ijk = rasToIjk(volumeNode, ras)
     spacing = np.array(volumeNode.GetSpacing())
-    over = [max(0.0, -ijk[a], ijk[a] - (dims[a] - 1)) * spacing[a] for a in range(3)]
+    over = [max(0.0, -0.5 - ijk[a], ijk[a] - (dims[a] - 0.5)) * spacing[a] for a in range(3)]
     return float(math.sqrt(sum(o * o for o in over)))
 
 
