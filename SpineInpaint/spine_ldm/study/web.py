@@ -16,6 +16,7 @@ Nothing here reads the truth key; responses are built from allow-listed public f
 """
 
 
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -23,8 +24,10 @@ from .blind import is_case_id
 from .engine import Study
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-NIIVUE_JS = WEB_DIR / "node_modules" / "@niivue" / "niivue" / "dist" / "index.js"
-NPM_HINT = "cd SpineInpaint/spine_ldm/study/web && npm ci --no-audit --no-fund"
+#: NiiVue's self-contained ES module; override with env SPINE_LDM_NIIVUE_JS (e.g. for a non-editable install)
+NIIVUE_JS = Path(os.environ.get("SPINE_LDM_NIIVUE_JS") or WEB_DIR / "node_modules" / "@niivue" / "niivue" / "dist" / "index.js")
+NPM_HINT = (f"cd {WEB_DIR} && npm ci --no-audit --no-fund "
+            "(or set SPINE_LDM_NIIVUE_JS to @niivue/niivue/dist/index.js)")
 MAX_BODY = 64 * 1024
 
 _STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
