@@ -98,7 +98,10 @@ class SpineInpaintRatingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         self.ui.tokenLineEdit.text = ""
         self.ui.caseCollapsibleButton.enabled = True
-        self.ui.statusLabel.text = " ".join(self.logic.rating.warnings)
+        notes = list(self.logic.rating.warnings)
+        if self.logic.rating.isFinished():
+            notes.append("All cases answered; you can review and change answers with Back / Next.")
+        self.ui.statusLabel.text = " ".join(notes)
         self.refresh()
 
     def onSet(self, qid, value, refresh=True):

@@ -390,3 +390,14 @@ def test_warns_when_an_inpainted_case_comes_from_a_real_case_in_the_study(tmp_pa
     assert len(st.warnings) == 1 and "patient_7.nrrd" in st.warnings[0]
     assert json.loads(st.truth_path().read_text())["warnings"] == st.warnings
     assert "patient_7" not in (st.root / "study.json").read_text()
+
+
+def test_study_package_imports_no_heavy_or_gui_modules():
+    code = ("import sys, SimpleITK as sitk\n"
+            "import spine_ldm.study.engine, spine_ldm.study.report, spine_ldm.study.web, spine_ldm.study.cli\n"
+            "from spine_ldm.study.blind import crop_fov\n"
+            "img = sitk.Image(100, 100, 100, sitk.sitkFloat32); img.SetOrigin((-50, -50, -50)); crop_fov(img, (0, 0, 0))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'slicer', 'qt', 'ctk', 'vtk', 'monai')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
