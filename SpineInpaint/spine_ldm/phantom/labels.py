@@ -90,11 +90,11 @@ _BASE = {
 }
 _FINE = {
     CSF: 0.02, NEURAL: 0.08, EPIDURAL_FAT: 0.05, POSTERIOR_MARROW: 0.08, CORTEX: 0.2, FLAVUM: 0.1, MUSCLE: 0.12,
-    SUBCUT_FAT: 0.04, LIGAMENT: 0.1, PSOAS: 0.1, HERNIATION: 0.08, HERNIATION_RIM: 0.1, ABDOMEN: 0.2,
+    SUBCUT_FAT: 0.04, LIGAMENT: 0.1, PSOAS: 0.1, HERNIATION: 0.08, HERNIATION_RIM: 0.1, ABDOMEN: 0.07,
     VESSEL: 0.3, SKIN: 0.1,
 }
 _STRIATED = {MUSCLE: 0.22, PSOAS: 0.18, SUBCUT_FAT: 0.05}  # texture elongated superior-inferior (fibres, septa)
-_COARSE = {ABDOMEN: 0.3, SUBCUT_FAT: 0.04, MUSCLE: 0.06, EPIDURAL_FAT: 0.05}
+_COARSE = {ABDOMEN: 0.35, SUBCUT_FAT: 0.04, MUSCLE: 0.06, EPIDURAL_FAT: 0.05}
 
 
 def intensity_tables(marrow: dict[int, float], nucleus: dict[int, float], annulus: float = 210.0,

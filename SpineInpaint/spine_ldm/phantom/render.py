@@ -525,7 +525,7 @@ def form_image(lv, grid: Grid, S: int, tables, tex_rng, bias_rng, noise_rng, noi
     si, sj, sk = grid.spacing
     shp = (nk, nj, ni)
     t1 = smooth_noise(tex_rng, shp, tuple(0.7 / v if 0.7 / v > 0.3 else 0.0 for v in (sk, sj, si)))
-    t2 = np.tanh(F32(1.8) * coarse_noise(tex_rng, shp, (sk, sj, si), 4.0))  # patchy (lobules / bowel loops)
+    t2 = np.tanh(F32(1.8) * coarse_noise(tex_rng, shp, (sk, sj, si), 7.0))  # patchy (lobules / bowel loops)
     t3 = smooth_noise(tex_rng, shp, tuple(v if v > 0.3 else 0.0 for v in (1.0 / sk, 8.0 / sj, 0.8 / si)))
     img = (acc[..., 0].reshape(shp) + acc[..., 1].reshape(shp) * t1 + acc[..., 2].reshape(shp) * t2
            + acc[..., 3].reshape(shp) * t3)
