@@ -949,3 +949,21 @@ def test_logic_start_failure_cleans_up(scene, tmp_path, monkeypatch):
         logic.start(vol, lm, InpaintParameters(samples=0))
     with pytest.raises(ValueError, match="select an input volume"):
         logic.start(None, lm, InpaintParameters())
+
+
+@pytest.mark.slow
+def test_slicer_self_test_headless(scene, tmp_path, monkeypatch):
+    """Run the module's own SpineInpaintTest (phantom, landmark, 2 samples, cancel) under slicer-core (~40 s)."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "Testing"))
+    helpers = pytest.importorskip("helpers_models")
+    monkeypatch.setenv("SPINE_LDM_REGISTRY", str(helpers.make_registry(tmp_path / "models")))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+    sys.modules.pop("SpineInpaint", None)
+    try:
+        import SpineInpaint
+
+        assert not SpineInpaint.GUI_AVAILABLE
+        SpineInpaint.SpineInpaintTest().runTest()
+    finally:
+        sys.modules.pop("SpineInpaint", None)
