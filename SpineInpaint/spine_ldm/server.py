@@ -385,6 +385,13 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
 
     if not token:
         raise ValueError("create_app needs a non-empty token")
+    try:  # multipart uploads (POST /jobs) need it; fail at start-up, not on the first job
+        import python_multipart  # noqa: F401
+    except ImportError:
+        try:
+            import multipart  # noqa: F401  (older python-multipart)
+        except ImportError:
+            raise SpineLDMError("the server needs python-multipart: pip install 'spine-ldm[serve]'") from None
     expected = token.encode("utf-8")
     manager = JobManager(runner=runner, registry=registry)
 
