@@ -306,9 +306,11 @@ def build(rng: np.random.Generator) -> Anatomy:
             roots.append(Root(side, side * (0.72 - 0.1 * q + rng.normal(0, 0.05)), 0.05 + 0.1 * q + rng.normal(0, 0.06),
                               u(0.8, 1.2), gap_s[gname] + u(2.0, 6.0), (u(0.02, 0.06), u(40, 90), u(0, 6.28))))
     for side in (-1, 1):  # S2 roots
-        roots.append(Root(side, side * u(0.15, 0.3), u(0.55, 0.7), u(0.8, 1.1), 0.5 * sum(seg_s["S1"]) + u(0, 5),
+        roots.append(Root(side, side * u(0.1, 0.25), u(0.5, 0.65), u(0.8, 1.1), 0.5 * sum(seg_s["S1"]) + u(0, 5),
                           (u(0.02, 0.05), u(40, 90), u(0, 6.28))))
-    roots.append(Root(0, u(-0.08, 0.08), u(0.6, 0.8), u(0.6, 0.9), s_sac_end + 30.0, (0.03, 60.0, u(0, 6.28))))
+    for side in (-1, 1):  # S3 - coccygeal roots, dorsal and near the midline (dark strands on mid-sagittal T2)
+        roots.append(Root(0, side * u(0.03, 0.12), u(0.62, 0.8), u(0.9, 1.2), s_sac_end + 30.0,
+                          (0.03, u(50, 80), u(0, 6.28))))
 
     # --- spinous processes (canal coordinates), per lumbar segment
     spinous = []
