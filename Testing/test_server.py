@@ -376,3 +376,49 @@ def test_cli_serve_end_to_end(tmp_path, mode):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_slicer_logic_runs_on_the_remote_backend(live_server, tmp_path):
+    """InpaintLogic with backend='remote': upload, progress, download, nodes with the input's geometry."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    vtk = pytest.importorskip("vtk")
+    sys.path.insert(0, str(REPO / "SpineInpaint"))
+    from SpineInpaintLib import nodes
+    from SpineInpaintLib.logic import InpaintLogic
+    from SpineInpaintLib.parameters import InpaintParameters
+
+    url, runner = live_server
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    old = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    try:
+        arr = np.arange(6 * 10 * 12, dtype=np.int16).reshape(6, 10, 12)
+        vol = slicer.util.addVolumeFromArray(arr, name="T2")
+        m = vtk.vtkMatrix4x4()
+        for r, row in enumerate([[0, 0, 3.0, -9], [0.8, 0, 0, 4], [0, -0.7, 0, 20]]):
+            for c, v in enumerate(row):
+                m.SetElement(r, c, v)
+        vol.SetIJKToRASMatrix(m)
+        landmark = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Landmark")
+        landmark.AddControlPoint(vtk.vtkVector3d(*nodes.ijkToRasMatrix(vol)[:3] @ np.array([5, 4, 3, 1.0])))
+        (tmp_path / "token").write_text(TOKEN)
+        params = InpaintParameters(backend="remote", remoteUrl=url, remoteTokenFile=str(tmp_path / "token"),
+                                   samples=2, seed=3, steps=3)
+        out = InpaintLogic(scene).run(vol, landmark, params, log=None, timeout=60)
+        assert [n.GetName() for n in out] == ["T2 DH-mod/large L4-L5 weighted #1", "T2 DH-mod/large L4-L5 weighted #2"]
+        for k, node in enumerate(out):
+            assert np.array_equal(nodes.ijkToRasMatrix(node), nodes.ijkToRasMatrix(vol))
+            assert np.array_equal(slicer.util.arrayFromVolume(node), arr + k + 1)
+            prov = nodes.getProvenanceAttributes(node)
+            assert prov["seed"] == 3 + k and prov["sample_index"] == k
+        call = runner.calls[-1]
+        np.testing.assert_allclose(call["landmark_lps"], nodes.rasToLps(
+            nodes.ijkToRasMatrix(vol)[:3] @ np.array([5, 4, 3, 1.0])))
+        assert np.array_equal(slicer.util.arrayFromVolume(vol), arr)  # input untouched
+        with pytest.raises(Exception, match="HTTP 401"):
+            InpaintLogic(scene).run(vol, landmark, InpaintParameters(backend="remote", remoteUrl=url), log=None,
+                                    token="wrong", timeout=60)
+    finally:
+        slicer.mrmlScene = old
