@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ..conditions import LEVELS, parse_condition, parse_level
 from ..errors import InputError
@@ -191,7 +192,8 @@ def _sample_labels(lab, grid: Grid, pts_lps):
 
 def canal_cross_section(anat, lab, grid: Grid, level: str, step: float = 0.2):
     """Thecal sac (CSF + neural labels) area in mm^2 and AP extent in mm, perpendicular to the canal at the disc
-    level, measured on the label map by nearest-neighbour sampling (``step`` mm)."""
+    level, measured on the label map by nearest-neighbour sampling (``step`` mm); only the connected region at the
+    sac centre counts (not nerve roots that already left the sac)."""
     s_l = anat.gap_s[level]
     xm = float(anat.xm(np.array([s_l], np.float32))[0])
     ns = np.arange(-5.0, 30.0, step)
@@ -203,6 +205,12 @@ def canal_cross_section(anat, lab, grid: Grid, level: str, step: float = 0.2):
     pts[..., 2] = yz[:, None, 1]
     v = _sample_labels(lab, grid, pts.reshape(-1, 3)).reshape(ns.size, xs.size)
     inside = np.isin(v, _lab.CANAL_LABELS)
+    # the thecal sac is the connected CSF/neural region at the sac centre (exiting roots outside it do not count)
+    cc, ncc = ndimage.label(inside)
+    if ncc > 1:
+        nc, _, _ = anat.sac(np.array([s_l], np.float32))
+        c = cc[int(np.argmin(np.abs(ns - float(nc[0])))), int(np.argmin(np.abs(xs)))]
+        inside = cc == (c if c else 1 + int(np.argmax(np.bincount(cc.ravel())[1:])))
     rows = np.flatnonzero(inside.any(axis=1))
     ap = float((rows[-1] - rows[0] + 1) * step) if rows.size else 0.0
     return float(inside.sum() * step * step), ap

@@ -316,6 +316,7 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
             xi = xi + e * (-0.4 - xi)
         a_n = np.where(an[i] > 0.5, an[i], an0[i])
         a_x = np.where(ax[i] > 0.5, ax[i], np.maximum(ax0[i], 1.0))
+        a_x = a_x + e * (np.maximum(ax0[i], 1.0) - a_x)  # a root leaving the sac heads for its (fixed) foramen
         nr = nc[i] + a_n * xi
         xr = xm[i] + a_x * eta
         hw = _sqrt_pos(rt.radius ** 2 - (n[i] - nr) ** 2)
