@@ -25,7 +25,21 @@ pathology flags, and every pathology acts through shapes with compact support, s
 minus ``generate(seed)`` is exactly zero farther than 25 mm from a DH landmark and 27 mm from a CCS landmark
 (the facet hypertrophy reaches the lateral recesses).
 
-Severity ranges: see :mod:`spine_ldm.phantom.pathology`.
+Severity ranges: see :mod:`spine_ldm.phantom.pathology`. Label values: :data:`LABELS`
+(:mod:`spine_ldm.phantom.labels`): 1-5 L1-L5 bodies, 6 sacrum, 7 T12, 8 T11, 9-15 disc annulus (T11-T12 .. L5-S1;
+11-15 = L1-L2 .. L5-S1), 19-25 disc nucleus (21-25 = L1-L2 .. L5-S1), 30 CSF, 31 cord / conus / cauda / roots,
+32 epidural fat, 33 posterior element marrow, 34 cortical bone and endplates, 35 ligamentum flavum, 36 muscle,
+37 subcutaneous fat, 38 ligaments, 39 psoas, 40 herniated disc material, 41 herniation rim, 42 facet joint,
+43 basivertebral vein, 50 abdomen / pelvis, 51 aorta / IVC, 52 skin.
+
+``landmarks`` / ``landmarks.json`` (all points in LPS and RAS mm, RAS = (-x, -y, z)):
+``space``, ``seed``, ``spacing``, ``size``, ``origin_LPS_mm``, ``direction``; ``discs[level]``: ``center_*``
+(disc centre), ``posterior_margin_*`` (midline posterior disc margin), height, depth, label values;
+``vertebrae[T12..S1]``: body centres; ``canal[level]``: ``area_mm2`` (thecal sac cross-section perpendicular to
+the canal, measured on the label map), ``ap_mm``, ``center_*`` (sac centre at the disc level);
+``pathologies``: list of ``{condition, level, landmark_LPS_mm, landmark_RAS_mm, volume_mm3 (DH; None for CCS), ...}``
+with the drawn parameters (``protrusion_mm`` ... / ``area_reduction``); ``conus_tip_LPS_mm``; ``labels``;
+``label_voxels``; ``severity_ranges``.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Its centre is 1.5 - 6 mm left or right of the midline (paracentral). Shape: a do
 (from 2.5 mm inside the disc, where the annulus is torn and shows nucleus signal, to ``protrusion`` mm beyond it),
 labelled 40 (disc material) with a 1 mm low-signal rim labelled 41; it replaces CSF / roots / epidural fat, never
 bone. The landmark is the centre of the extruded part: ``protrusion / 2`` behind the posterior disc margin.
-Measured volumes (labels 40 + 41, seeds 0-7, all levels): small 60 - 260 mm^3, moderate_large 450 - 1350 mm^3.
+Measured volumes (labels 40 + 41, seeds 0-7, all levels): small 50 - 250 mm^3, moderate_large 440 - 1350 mm^3.
 
 Central canal stenosis: diffuse (broad-based) disc bulge + ligamentum flavum thickening + facet hypertrophy that
 compress the thecal sac at the disc level. The thecal sac (CSF + cauda equina) cross-section at the disc level is
