@@ -327,8 +327,23 @@ def collate(items: list[dict]) -> dict:
 
 def make_loader(dataset, batch_size: int, env: DistEnv, seed: int, start_step: int, num_workers: int = 0):
     sampler = ResumableBatchSampler(len(dataset), batch_size, env.rank, env.world_size, seed, start_step)
+    # own generator: creating the iterator must not draw from the global RNG (resume would diverge otherwise)
+    g = torch.Generator().manual_seed(int(seed) * 1000 + env.rank)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, persistent_workers=num_workers > 0)
+                                       collate_fn=collate, persistent_workers=num_workers > 0, generator=g)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Temporarily set torch's intra-op threads (``n`` <= 0 or None: leave as is). On a busy shared CPU one
+    thread per process is often several times faster than oversubscribed OpenMP threads."""
+    old = torch.get_num_threads()
+    if n and int(n) > 0:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------- AMP

@@ -126,7 +126,7 @@ def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
     if feats_a.shape[0] < 2 or feats_b.shape[0] < 2:
         return float("nan")
-    return float(FIDMetric()(feats_a.double(), feats_b.double()))
+    return max(0.0, float(FIDMetric()(feats_a.double(), feats_b.double())))  # clamp sqrtm round-off (-1e-9)
 
 
 def ms_ssim_metric(shape, kernel=(5, 5, 3)):

@@ -45,7 +45,8 @@ def train_autoencoder(cfg: dict, out, manifest=None, dataset=None, resume: bool 
     interruption). Returns a summary dict (final step, last losses, paths)."""
     env = C.setup_distributed(device)
     try:
-        return _train(cfg, Path(out), manifest, dataset, resume, env, cache_dir, max_steps, quiet)
+        with C.cpu_threads(cfg.get("threads") if env.device.type == "cpu" else None):
+            return _train(cfg, Path(out), manifest, dataset, resume, env, cache_dir, max_steps, quiet)
     finally:
         env.cleanup()
 

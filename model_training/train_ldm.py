@@ -111,8 +111,9 @@ def train_ldm(cfg: dict, method: str, autoencoder, out, manifest=None, dataset=N
         raise InputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     env = C.setup_distributed(device)
     try:
-        return _train(cfg, method, autoencoder, Path(out), manifest, dataset, resume, env, conditions, cache_dir,
-                      max_steps, quiet)
+        with C.cpu_threads(cfg.get("threads") if env.device.type == "cpu" else None):
+            return _train(cfg, method, autoencoder, Path(out), manifest, dataset, resume, env, conditions,
+                          cache_dir, max_steps, quiet)
     finally:
         env.cleanup()
 

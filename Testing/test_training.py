@@ -1,0 +1,333 @@
+"""Training side of model_training: VQGAN + LDM training (weighted / masked / full), checkpoints and resume
+(also after kill -9), DDP (gloo, 2 processes), export to a registry, Table-1 formatting.
+
+Data: a few coarse phantom studies (spine_ldm.phantom) in a manifest; the tiny training config
+(model_training/configs/tiny.yaml) on the frozen ``small`` model config. Slow tests (subprocess kill -9, torchrun
+DDP) are marked ``slow``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_training import common as C
+from model_training.demo_weights import generate_phantom_rows
+from model_training.manifest import read_manifest, write_manifest
+from spine_ldm.errors import InputError, ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "SpineInpaint"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("phantoms")
+    rows = generate_phantom_rows(d / "img", 3, seed=7, mix={"dh_moderate_large": 0.6, "ccs_severe": 0.4},
+                                 spacing=(1.6, 1.6, 4.3), log=lambda s: None)
+    return write_manifest(d / "manifest.csv", rows)
+
+
+def _tiny(**kw) -> dict:
+    return C.load_train_config("tiny", kw)
+
+
+@pytest.fixture(scope="module")
+def ae_run(manifest, tmp_path_factory) -> Path:
+    from model_training.train_autoencoder import train_autoencoder
+
+    out = tmp_path_factory.mktemp("ae")
+    train_autoencoder(_tiny(steps=12, checkpoint_every=6, lr=2e-3, disc_start=8), out, manifest=manifest,
+                      device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ldm_runs(manifest, ae_run, tmp_path_factory) -> dict:
+    from model_training.train_ldm import train_ldm
+
+    runs = {}
+    for m in ("weighted", "masked", "full"):
+        out = tmp_path_factory.mktemp(f"ldm_{m}")
+        train_ldm(_tiny(steps=12, checkpoint_every=12, eval_batch=4), m, ae_run, out, manifest=manifest,
+                  device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+        runs[m] = out
+    return runs
+
+
+# --------------------------------------------------------------------------- utilities
+def test_atomic_checkpoint_and_ema(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    ema = C.EMA(m, decay=0.5, warmup=False)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)
+    # shadow = 0.5 * old + 0.5 * new = old + 0.5
+    assert torch.allclose(ema.shadow.weight, m.weight - 0.5)
+    p = C.save_checkpoint(tmp_path, {"model": m.state_dict(), "ema": ema.state_dict()}, step=7, keep_every=7)
+    assert p.name == "last.pt" and (tmp_path / "checkpoints" / "step_0000007.pt").is_file()
+    assert not [f for f in p.parent.iterdir() if ".tmp" in f.name]
+    st = C.load_checkpoint(tmp_path)
+    assert st["step"] == 7 and torch.equal(st["model"]["weight"], m.weight)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ModelError, match="no checkpoint"):
+        C.load_checkpoint(tmp_path / "bad")
+
+
+def test_resumable_batch_sampler_is_a_function_of_step_and_shards_ranks():
+    s = C.ResumableBatchSampler(10, 3, seed=1)
+    full = [b for _, b in zip(range(9), iter(s))]
+    resumed = [b for _, b in zip(range(4), iter(C.ResumableBatchSampler(10, 3, seed=1, start_step=5)))]
+    assert resumed == full[5:9]
+    assert [s.batch_for_step(k) for k in range(9)] == full
+    r0 = C.ResumableBatchSampler(10, 2, rank=0, world_size=2, seed=1).batch_for_step(0)
+    r1 = C.ResumableBatchSampler(10, 2, rank=1, world_size=2, seed=1).batch_for_step(0)
+    assert not set(r0) & set(r1)
+    with pytest.raises(InputError, match="empty"):
+        C.ResumableBatchSampler(0, 2)
+
+
+def test_latent_weight_matches_geometry_on_the_latent_grid():
+    import SimpleITK as sitk
+
+    from spine_ldm import geometry as G
+    from spine_ldm import weighting as Wt
+    from spine_ldm.models import load_config
+
+    cfg = load_config("small")
+    img = sitk.Image(200, 200, 60, sitk.sitkFloat32)
+    img.SetSpacing((0.6, 0.6, 4.0))
+    frame = G.fsu_frame(img, (60.0, 60.0, 120.0), G.FSUSpec.small())
+    lm = (62.0, 70.0, 115.0)
+    ref = Wt.gaussian_weight(G.latent_frame(frame, cfg.latent_factors), lm, 16.0)
+    ijk = frame.TransformPhysicalPointToContinuousIndex(lm)[::-1]
+    w = C.latent_weight(torch.tensor([ijk, [float("nan")] * 3]), cfg, 16.0)
+    assert w.shape == (2, 1) + tuple(cfg.latent_shape[1:])
+    np.testing.assert_allclose(w[0, 0].numpy(), ref, atol=1e-6)
+    assert float(w[1].abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------- training decreases the loss
+def test_autoencoder_training_decreases_reconstruction_error(ae_run):
+    info = json.loads((ae_run / "run.json").read_text())
+    assert info["status"] == "complete" and info["steps_done"] == 12
+    assert info["eval_l1_final"] < 0.8 * info["eval_l1_initial"], info
+    assert info["codebook_usage"]["used"] > 1
+    assert math.isfinite(info["latent_scale"]) and info["latent_scale"] > 0
+    sd = torch.load(ae_run / "autoencoder.pt", weights_only=True)
+    assert float(sd["latent_scale"]) == pytest.approx(info["latent_scale"], rel=1e-5)
+    ck = C.load_checkpoint(ae_run)
+    assert ck["step"] == 12 and "optimizer_d" in ck and ck["kind"] == "autoencoder"
+    lines = [json.loads(x) for x in (ae_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/adversarial" in r for r in lines) and any("train/codebook_perplexity" in r for r in lines)
+    assert not any("train/adversarial" in r for r in lines if r["step"] <= 8)  # adversarial warm-up
+
+
+@pytest.mark.parametrize("method", ["weighted", "masked", "full"])
+def test_ldm_training_decreases_the_loss(ldm_runs, manifest, method):
+    info = json.loads((ldm_runs[method] / "run.json").read_text())
+    assert info["status"] == "complete" and info["method"] == method
+    assert info["eval_loss_final"] < 0.9 * info["eval_loss_initial"], info
+    rows = [r for r in read_manifest(manifest)]
+    n_patho = sum(r.condition != "none" and r.landmark_lps is not None for r in rows)
+    # weighted / masked see only pathological FSUs with a landmark; full sees everything
+    assert info["dataset_size"] == (len(rows) if method == "full" else n_patho)
+    assert (ldm_runs[method] / "unet.pt").is_file()
+
+
+def test_weighted_training_refuses_an_empty_selection(manifest, ae_run, tmp_path):
+    from model_training.train_ldm import train_ldm
+
+    with pytest.raises(InputError, match="no FSUs match"):
+        train_ldm(_tiny(steps=1), "weighted", ae_run, tmp_path, manifest=manifest, conditions=["dh_small"],
+                  device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+    with pytest.raises(InputError, match="unknown method"):
+        train_ldm(_tiny(steps=1), "repaint", ae_run, tmp_path, manifest=manifest, device="cpu")
+
+
+# --------------------------------------------------------------------------- resume
+def test_interrupted_then_resumed_equals_uninterrupted(manifest, ae_run, tmp_path):
+    from model_training.train_ldm import train_ldm
+
+    cfg = _tiny(steps=6, checkpoint_every=2, eval_batch=2)
+    kw = dict(manifest=manifest, device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+    train_ldm(cfg, "weighted", ae_run, tmp_path / "a", **kw)
+    train_ldm(cfg, "weighted", ae_run, tmp_path / "b", max_steps=3, **kw)  # "crash" after step 3
+    ck = C.load_checkpoint(tmp_path / "b")
+    assert ck["step"] == 3 and not (tmp_path / "b" / "unet.pt").exists()
+    assert all(int(s["step"]) == 3 for s in ck["optimizer"]["state"].values())
+    train_ldm(cfg, "weighted", ae_run, tmp_path / "b", resume=True, **kw)
+    a, b = C.load_checkpoint(tmp_path / "a"), C.load_checkpoint(tmp_path / "b")
+    assert a["step"] == b["step"] == 6
+    assert C.state_dict_sha256(a["model"]) == C.state_dict_sha256(b["model"])
+    assert C.state_dict_sha256(a["ema"]["model"]) == C.state_dict_sha256(b["ema"]["model"])
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def _cli(*args) -> list[str]:
+    return [PY, "-m", "model_training", *args]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_continues_identically(manifest, ae_run, tmp_path):
+    common = ["train-ldm", "--method", "full", "--autoencoder", str(ae_run), "--config", "tiny", "--manifest",
+              str(manifest), "--cache-dir", str(manifest.parent / "cache"), "--device", "cpu", "--quiet",
+              "--set", "checkpoint_every=2", "--set", "eval_batch=2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", str(killed), "--set", "steps=500"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ck = killed / "checkpoints" / "last.pt"
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 300:
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            if ck.is_file() and C.load_checkpoint(ck)["step"] >= 2:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    st = C.load_checkpoint(ck)  # complete (atomic replace), whatever moment the kill hit
+    s = st["step"]
+    assert s % 2 == 0 and s >= 2
+    assert all(int(v["step"]) == s for v in st["optimizer"]["state"].values())
+    total = s + 2
+    r = subprocess.run(_cli(*common, "--out", str(killed), "--resume", "--set", f"steps={total}"), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = tmp_path / "ref"
+    r = subprocess.run(_cli(*common, "--out", str(ref), "--set", f"steps={total}"), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = C.load_checkpoint(killed), C.load_checkpoint(ref)
+    assert a["step"] == b["step"] == total
+    assert C.state_dict_sha256(a["model"]) == C.state_dict_sha256(b["model"])
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+# --------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_ddp_two_process_gloo(manifest, ae_run, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "model_training",
+           "train-ldm", "--method", "weighted", "--autoencoder", str(ae_run), "--config", "tiny", "--manifest",
+           str(manifest), "--cache-dir", str(manifest.parent / "cache"), "--device", "cpu", "--out", str(out),
+           "--quiet", "--set", "steps=10", "--set", "checkpoint_every=5", "--set", "eval_batch=4"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "complete"
+    assert info["eval_loss_final"] < info["eval_loss_initial"]
+    h0 = (out / "param_sha256_rank0.txt").read_text()
+    h1 = (out / "param_sha256_rank1.txt").read_text()
+    assert h0 == h1  # replicas identical after DDP training
+    assert C.state_dict_sha256(torch.load(out / "unet_raw.pt", weights_only=True)) == h0
+    ck = C.load_checkpoint(out)
+    assert ck["step"] == 10 and len(ck["rng_per_rank"]) == 2
+
+
+# --------------------------------------------------------------------------- export
+def test_export_writes_a_registry_entry_that_verifies(ldm_runs, tmp_path):
+    from model_training.export import export_run
+    from spine_ldm import registry as R
+
+    reg = tmp_path / "Models.json"
+    R.write_registry(reg, [])
+    for m in ("weighted", "full"):
+        d = export_run(ldm_runs[m], f"t-{m}", reg, autoencoder_name="t-ae", license="Apache-2.0")
+        assert d["files"]["autoencoder"]["path"] == "Models/t-ae.pt"
+        assert d["config"] == "small" and d["method"] == m
+    entries = {e.id: e for e in R.read_registry(reg)}
+    assert set(entries) == {"t-weighted", "t-full"}
+    st = R.verify("t-weighted", reg)
+    assert all(s.status == "ok" for s in st.values())
+    loaded = R.load("t-weighted", registry=reg)
+    ema = torch.load(ldm_runs["weighted"] / "unet.pt", weights_only=True)
+    k = next(iter(ema))
+    assert torch.equal(loaded.unet.state_dict()[k], ema[k])  # the EMA weights were exported
+    # re-export replaces in place (no duplicate id) and the CLI verifier accepts the file
+    export_run(ldm_runs["weighted"], "t-weighted", reg, autoencoder_name="t-ae")
+    assert [e.id for e in R.read_registry(reg)] == ["t-weighted", "t-full"]
+    r = subprocess.run([PY, "-m", "spine_ldm", "models", "verify", "t-weighted"],
+                       env={**_env(), "SPINE_LDM_REGISTRY": str(reg)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # a corrupted weights file is caught
+    (tmp_path / "Models" / "t-full-unet.pt").write_bytes(b"junk")
+    with pytest.raises(ModelError):
+        from model_training.export import check_entry
+        check_entry("t-full", reg)
+
+
+def test_export_refuses_an_autoencoder_run_and_unfinished_runs(ae_run, ldm_runs, tmp_path):
+    from model_training.export import export_run
+
+    with pytest.raises(InputError, match="autoencoder"):
+        export_run(ae_run, "x", tmp_path / "Models.json")
+    info = json.loads((ldm_runs["masked"] / "run.json").read_text())
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    with pytest.raises(ModelError, match="not complete"):
+        export_run(half, "x", tmp_path / "Models.json")
+
+
+# --------------------------------------------------------------------------- evaluation table
+def test_table1_is_computed_and_formatted_with_random_features():
+    from model_training import evaluate as E
+
+    rng = np.random.default_rng(0)
+    real = [rng.random((20, 10, 16)).astype(np.float32) * 0.5 for _ in range(4)]
+    col = E.Collected()
+    col.real[("L4-L5", "dh_moderate_large")] = real
+    col.inpainted[("L4-L5", "dh_moderate_large", "weighted")] = [r.copy() for r in real]  # identical -> FID ~ 0
+    col.inpainted[("L4-L5", "dh_moderate_large", "masked")] = [rng.random((20, 10, 16)).astype(np.float32)
+                                                               for _ in range(4)]
+    same = np.stack([real[0]] * 3)
+    col.diversity[("L4-L5", "dh_moderate_large", "weighted")] = [E.ms_ssim_diversity(same)]
+    col.diversity[("L4-L5", "dh_moderate_large", "masked")] = [E.ms_ssim_diversity(rng.random((3, 20, 10, 16)))]
+    rows = E.compute_table(col, E.make_features("random"), ["masked", "weighted"])
+    by = {r["method"]: r for r in rows}
+    assert by["weighted"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert by["masked"]["fid"] > 1e-3
+    assert by["weighted"]["ms_ssim"] == pytest.approx(1.0, abs=1e-5)  # identical samples: no diversity
+    assert by["masked"]["ms_ssim"] < 0.5
+    md = E.format_markdown(rows, ["masked", "weighted"])
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| Level | Condition | FID Masked | FID Weighted | MS-SSIM Masked")
+    assert lines[2].startswith("| L4-L5 | DH-mod/large |") and "**0.00**" in lines[2]
+    assert "4/4 / 4" in lines[2]
+
+
+def test_landmark_delta_measures_a_dark_blob_at_the_centre():
+    from model_training import evaluate as E
+    from spine_ldm.geometry import FSUSpec
+
+    spec = FSUSpec(shape=(20, 10, 16), size_mm=(25.0, 25.0, 50.0))
+    inp = np.full((20, 10, 16), 0.9, np.float32)
+    out = inp.copy()
+    out[8:12, 4:6, 7:9] = 0.2
+    assert E.landmark_delta(out, inp, spec) < -0.3
+    assert E.landmark_delta(inp, inp, spec) == 0.0
