@@ -192,67 +192,71 @@ def main_demo(args) -> int:
     return 0
 
 
-def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None) -> Path:
-    """Inpaint dh_moderate_large into a healthy phantom at the landmark of its pathological twin (or at the
-    landmark stored for the healthy FSU) with weighted / masked / repaint; PNG of the sagittal slice through
-    the landmark: input | weighted | masked | RePaint (+ difference row)."""
+def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None, n_cases: int = 3,
+                 steps: int = 50) -> Path:
+    """For held-out phantom studies with a herniation (val/test split): inpaint the same condition into the
+    healthy twin at the pathological twin's landmark with weighted / masked / RePaint. PNG rows = cases, columns =
+    healthy input | real pathological twin | weighted | masked | RePaint (sagittal slice through the landmark,
+    superior up, anterior left); also ``demo_check.json`` with the landmark intensity change of each output (the
+    phantom "pathology present" metric of model_training.evaluate) next to the real twin's change."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import SimpleITK as sitk
 
     from model_training.manifest import read_manifest
     from spine_ldm import pipeline
-
-    rows = read_manifest(work / "phantoms.csv")
-    cand = [r for r in rows if r.condition == "none" and r.landmark_lps is not None and r.level == "L4-L5"
-            and r.split in ("test", "val")] or \
-        [r for r in rows if r.condition == "none" and r.landmark_lps is not None and r.level == "L4-L5"]
-    if not cand:
-        raise InputError("no healthy L4-L5 phantom FSU with a landmark in the demo manifest")
-    r = cand[0]
+    from spine_ldm.demo import sagittal_slice
     from spine_ldm.io import read_volume
 
-    img = read_volume(r.image_path)
-    outs = {}
-    for m in ("weighted", "masked", "repaint"):
-        res = pipeline.inpaint(img, r.landmark_lps, r.level, "dh_moderate_large", method=m, samples=1, seed=0,
-                               steps=50, registry=str(registry), disc_center_lps=r.disc_center_lps)
-        outs[m] = res.outputs[0]
-        log(f"[demo] check: {m} {res.seconds:.1f}s nfe={res.nfe}")
-    idx = img.TransformPhysicalPointToIndex(tuple(r.landmark_lps))
-    arr = sitk.GetArrayFromImage(img)
-    # sagittal slice through the landmark: the image's LR axis is the one whose direction column is ~x
-    d = np.asarray(img.GetDirection()).reshape(3, 3)
-    lr_axis_itk = int(np.argmax(np.abs(d[0, :])))
-    np_axis = 2 - lr_axis_itk
-
-    def sl(a):
-        s = np.take(a, idx[lr_axis_itk], axis=np_axis)
-        return s
-
-    panels = [("input (healthy)", sl(arr))] + [(lab, sl(sitk.GetArrayFromImage(outs[m])))
-                                                 for m, lab in (("weighted", "weighted"), ("masked", "masked"),
-                                                                ("repaint", "RePaint"))]
-    lo, hi = np.percentile(panels[0][1], [0.5, 99.5])
-    fig, ax = plt.subplots(2, 4, figsize=(13, 7))
-    for k, (lab, s) in enumerate(panels):
-        ax[0, k].imshow(s, cmap="gray", vmin=lo, vmax=hi, origin="upper")
-        ax[0, k].set_title(lab)
-        diff = s.astype(np.float32) - panels[0][1].astype(np.float32)
-        ax[1, k].imshow(diff, cmap="bwr", vmin=-(hi - lo) / 2, vmax=(hi - lo) / 2, origin="upper")
-        ax[1, k].set_title(f"{lab} - input")
-    # landmark marker
-    lm_idx = [i for a, i in enumerate(idx) if a != lr_axis_itk]
-    for a in ax.flat:
-        a.plot(lm_idx[0], lm_idx[1], "r+", ms=10) if np_axis != 2 else a.plot(lm_idx[0], lm_idx[1], "r+", ms=10)
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.suptitle(f"demo check: DH moderate/large inpainted at {r.level} of healthy phantom {r.study_id}")
-    out_png = Path(out_png) if out_png else work / "demo_check.png"
+    rows = read_manifest(work / "phantoms.csv")
+    held = [r for r in rows if r.split in ("test", "val") and r.condition.startswith("dh")]
+    held.sort(key=lambda r: (r.condition != "dh_moderate_large", r.level != "L4-L5", r.study_id))
+    cases = []
+    for r in held:
+        twin = [h for h in rows if h.study_id == r.study_id and h.level == r.level and h.condition == "none"
+                and h.image_path != r.image_path]
+        if twin:
+            cases.append((r, twin[0]))
+        if len(cases) >= n_cases:
+            break
+    if not cases:
+        raise InputError("no held-out herniation phantom with a healthy twin in the demo manifest")
+    cols = ["healthy input", "real pathological twin", "weighted", "masked", "RePaint"]
+    fig, axes = plt.subplots(len(cases), len(cols), figsize=(3.0 * len(cols), 3.2 * len(cases)), squeeze=False)
+    report = []
+    for i, (r, h) in enumerate(cases):
+        img_h, img_p = read_volume(h.image_path), read_volume(r.image_path)
+        lm = r.landmark_lps
+        outs = {}
+        for m in ("weighted", "masked", "repaint"):
+            res = pipeline.inpaint(img_h, lm, r.level, r.condition, method=m, samples=1, seed=0, steps=steps,
+                                   registry=str(registry), disc_center_lps=h.disc_center_lps)
+            outs[m] = res.outputs[0]
+        ims = [img_h, img_p, outs["weighted"], outs["masked"], outs["repaint"]]
+        sl = [sagittal_slice(im, lm, 60.0, 60.0, 0.4) for im in ims]
+        lo, hi = np.percentile(sl[0], [1, 99.5])
+        c = np.array(sl[0].shape) // 2
+        rad = 10  # 4 mm at 0.4 mm pixels
+        patch = lambda a: float(a[c[0] - rad:c[0] + rad, c[1] - rad:c[1] + rad].mean())
+        deltas = {name: round((patch(a) - patch(sl[0])) / (hi - lo), 3) for name, a in zip(cols, sl)}
+        report.append({"study": r.study_id, "level": r.level, "condition": r.condition, "landmark_lps": lm,
+                       "landmark_patch_change_vs_healthy": deltas})
+        for k, (name, a) in enumerate(zip(cols, sl)):
+            ax = axes[i][k]
+            ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, interpolation="bilinear")
+            ax.plot([a.shape[1] / 2], [a.shape[0] / 2], marker="+", color="yellow", markersize=9)
+            ax.set_title(f"{name}\n{r.level} {r.condition}" if k == 0 else f"{name} ({deltas[name]:+.2f})",
+                         fontsize=8)
+            ax.axis("off")
+        log(f"[demo] check {r.study_id} {r.level} {r.condition}: {deltas}")
+    fig.suptitle("demo weights check: herniation inpainted into the healthy twin at the real landmark "
+                 "(60 mm sagittal crop; number = mean change in a 8 mm patch at the landmark, / intensity range)",
+                 fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
+    out_png = Path(out_png) if out_png else work / "demo_check.png"
+    fig.savefig(out_png, dpi=90)
     plt.close(fig)
+    (work / "demo_check.json").write_text(json.dumps(report, indent=2))
     log(f"[demo] check image: {out_png}")
     return out_png
