@@ -331,3 +331,19 @@ def test_landmark_delta_measures_a_dark_blob_at_the_centre():
     out[8:12, 4:6, 7:9] = 0.2
     assert E.landmark_delta(out, inp, spec) < -0.3
     assert E.landmark_delta(inp, inp, spec) == 0.0
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo_autoencoder(manifest, tmp_path):
+    out = tmp_path / "ddp_ae"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "model_training",
+           "train-autoencoder", "--config", "tiny", "--manifest", str(manifest), "--cache-dir",
+           str(manifest.parent / "cache"), "--device", "cpu", "--out", str(out), "--quiet",
+           "--set", "steps=4", "--set", "disc_start=2", "--set", "checkpoint_every=2"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    h0 = (out / "param_sha256_rank0.txt").read_text()
+    assert h0 == (out / "param_sha256_rank1.txt").read_text()  # incl. the EMA codebook (ddp_sync)
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "complete"
+    assert C.load_checkpoint(out)["step"] == 4

@@ -192,6 +192,8 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
             _checkpoint(out, env, done, ae, disc, ema, opt_g, opt_d, scaler_g, scaler_d, cfg, model_cfg,
                         int(cfg.get("keep_every", 0) or 0))
     final = {"step": stop, "losses": last, "run_dir": str(out)}
+    if env.distributed:  # per-rank parameter hash (before rank 0 fits latent_scale): replicas must be identical
+        C.atomic_write_text(out / f"param_sha256_rank{env.rank}.txt", C.state_dict_sha256(ae.state_dict()))
     if stop >= steps and env.is_main:
         scale = _fit_latent_scale(ema.shadow, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
         _fit_latent_scale(ae, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
