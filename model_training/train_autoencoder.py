@@ -126,7 +126,8 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
     img_every = int(cfg.get("image_every", 0) or 0)
     logger = C.TrainLogger(out, enabled=env.is_main, quiet=quiet)
     if env.is_main:
-        C.write_run_info(out, {"kind": KIND, "train_config": cfg, "model_config": config_to_dict(model_cfg),
+        prev = C.read_run_info(out) if (start > 0 and (out / "run.json").is_file()) else {}
+        C.write_run_info(out, {**{k: v for k, v in prev.items() if k.endswith("_initial")}, "kind": KIND, "train_config": cfg, "model_config": config_to_dict(model_cfg),
                                "world_size": env.world_size, "amp": amp_mode, "device": str(dev),
                                "dataset_size": len(dataset), "status": "running"})
     fixed_x = torch.cat([b for b in _batches(dataset, 1, min(8, len(dataset)), seed + 1)]).to(dev)

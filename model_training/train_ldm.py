@@ -209,7 +209,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     logger = C.TrainLogger(out, enabled=env.is_main, quiet=quiet)
     ae_sha = C.file_sha256(ae_path)
     if env.is_main:
-        C.write_run_info(out, {"kind": KIND, "method": method, "train_config": cfg,
+        prev = C.read_run_info(out) if (start > 0 and (out / "run.json").is_file()) else {}
+        C.write_run_info(out, {**{k: v for k, v in prev.items() if k.endswith("_initial")}, "kind": KIND, "method": method, "train_config": cfg,
                                "model_config": config_to_dict(model_cfg), "autoencoder": str(Path(ae_path).resolve()),
                                "autoencoder_sha256": ae_sha, "conditions": list(conds) if conds else list(CONDITIONS),
                                "world_size": env.world_size, "amp": amp_mode, "device": str(dev),
