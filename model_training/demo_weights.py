@@ -37,9 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--n-studies", type=int, default=60)
     p.add_argument("--phantom-seed", type=int, default=0)
     p.add_argument("--ae-steps", type=int, help="override ae_small steps")
-    p.add_argument("--ldm-steps", type=int, help="override ldm_small steps (masked, full)")
-    p.add_argument("--weighted-steps", type=int, default=2000,
-                   help="steps of the weighted model (the demo's main method gets more; default 2000)")
+    p.add_argument("--ldm-steps", type=int, help="override ldm_small steps (all methods)")
     p.add_argument("--methods", default="weighted,masked,full")
     p.add_argument("--device", default="auto")
     p.add_argument("--check", action="store_true", help="render the demo check PNG at the end")
@@ -166,7 +164,7 @@ def main_demo(args) -> int:
         timings["autoencoder_s"] = round(time.time() - t, 1)
     for m in methods:
         run = work / "runs" / m
-        ldm_cfg = C.load_train_config("ldm_small", {"steps": args.weighted_steps if m == "weighted" else args.ldm_steps})
+        ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
         if (run / "unet.pt").is_file() and C.read_run_info(run).get("status") == "complete" and \
                 int(C.read_run_info(run).get("steps_done", 0)) >= int(ldm_cfg["steps"]):
             continue
