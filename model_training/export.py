@@ -88,14 +88,11 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
                          description=description or f"{info['method']} LDM ({info['model_config'].get('name')}) "
                                                     f"exported from {run.name}",
                          training_data=training_data, license=license, extra=ext)
-    entries = [e for e in R.read_registry(reg) if e.id != model_id] if reg.exists() else []
-    # keep the order of existing entries: replace in place when present
     old = R.read_registry(reg) if reg.exists() else []
-    ids = [e.id for e in old]
-    if model_id in ids:
-        entries = [entry if e.id == model_id else e for e in old]
-    else:
-        entries = entries + [entry]
+    # replace in place when the id exists (keeps the order of the other entries), else append
+    entries = [entry if e.id == model_id else e for e in old]
+    if model_id not in {e.id for e in old}:
+        entries.append(entry)
     R.write_registry(reg, entries)
     check_entry(model_id, reg)
     return next(e for e in R.read_registry(reg) if e.id == model_id).to_json(relative_to=reg.parent.resolve())

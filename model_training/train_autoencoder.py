@@ -308,9 +308,10 @@ def _usage_over(ae, dataset, bs, dev, max_batches: int = 16) -> dict:
     return ae.codebook_usage(torch.cat(hs), is_latent=True)
 
 
-def load_autoencoder(run_or_pt, device="cpu"):
+def load_autoencoder(run_or_pt, device="cpu", model_config: str | None = None):
     """(autoencoder in eval mode, model config, weights path) from a training run dir or a state-dict .pt
-    (a run dir gives its ``autoencoder.pt``; a .pt next to a run.json takes that run's model config)."""
+    (a run dir gives its ``autoencoder.pt``; a .pt next to a run.json takes that run's model config, any other
+    .pt the ``model_config`` given, default ``small``)."""
     from spine_ldm.errors import ModelError
     from spine_ldm.models.autoencoder import build_autoencoder
     from spine_ldm.models.config import config_from_dict
@@ -332,8 +333,11 @@ def load_autoencoder(run_or_pt, device="cpu"):
         raise ModelError(f"autoencoder {run_or_pt} not found (give a train-autoencoder run dir or a .pt state dict)")
     sd = torch.load(pt, map_location="cpu", weights_only=True)
     if model_cfg is None:
-        model_cfg = sd.pop("__model_config__", None)
-        model_cfg = load_config(model_cfg or "small")
+        model_cfg = load_config(model_config or "small")
     ae = build_autoencoder(model_cfg)
-    ae.load_state_dict(sd)
+    try:
+        ae.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ModelError(f"autoencoder weights {pt} do not fit model config {model_cfg.name!r}: "
+                         f"{str(e).splitlines()[0]}") from None
     return ae.to(device).eval(), model_cfg, pt

@@ -126,7 +126,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     dev = env.device
     seed = int(cfg.get("seed", 0))
     C.seed_everything(seed, env.rank)
-    ae, model_cfg, ae_path = load_autoencoder(autoencoder, dev)
+    ae, model_cfg, ae_path = load_autoencoder(autoencoder, dev, cfg.get("model_config"))
     for p in ae.parameters():
         p.requires_grad_(False)
     if cfg.get("model_config") and cfg["model_config"] not in (model_cfg.name, None):
