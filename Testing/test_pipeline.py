@@ -128,6 +128,19 @@ def test_baselines_keep_far_field(case, registry, method):
     assert res.nfe == (STEPS + 1 if method == "masked" else STEPS)
 
 
+def test_repaint_jump_and_resample_reach_the_sampler(case, registry):
+    img, lm, disc = case
+    res = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", method="repaint", steps=4, device="cpu",
+                           disc_center_lps=disc, registry=registry, repaint_jump=2, repaint_resample=3)
+    # RePaint's schedule puts jump points at n = 0, jump, ... < steps - jump: here only n = 0; it goes back
+    # `jump` steps (resample - 1) = 2 times: 4 + 1 * 2 * 2 = 8 (the defaults at 50 steps give 50 + 4 * 9 * 10 = 410)
+    assert res.nfe == 8
+    assert (res.provenance["repaint_jump"], res.provenance["repaint_resample"]) == (2, 3)
+    with pytest.raises(InputError, match="resample 1..50"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", method="repaint", steps=4, registry=registry,
+                         repaint_resample=0)
+
+
 def test_cancel_raises_and_returns_nothing(case, registry, tmp_path):
     img, lm, disc = case
     seen = []

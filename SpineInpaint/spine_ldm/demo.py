@@ -128,7 +128,8 @@ def comparison_png(rows: list[dict], path: Path, title: str = "") -> Path:
 
 
 def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps: int = 50, samples: int = 1,
-             seed: int = 0, registry=None, progress: Callable[[int, int], None] | None = None,
+             seed: int = 0, registry=None, repaint_resample: int = 3,
+             progress: Callable[[int, int], None] | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the summary dict (also written to ``demo_summary.json``)."""
     from . import io as sio
@@ -154,7 +155,7 @@ def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps:
             log(f"{name}: {method} ...")
             res = pipeline.inpaint(image, lm, level, condition, method=method, samples=samples, seed=seed,
                                    steps=steps, device=device, disc_center_lps=disc, progress=progress,
-                                   registry=registry)
+                                   registry=registry, repaint_resample=repaint_resample)
             paths = pipeline.write_outputs(res, out / f"{name}_{method}.nrrd")
             row["images"][method] = res.outputs[0]
             summary["cases"].append({"case": name, "level": level, "condition": condition, "method": method,
@@ -190,7 +191,7 @@ def _real_case(out, device, steps, samples, seed, registry, progress, log, summa
         log(f"real ivd_11 L4-L5: {method} ...")
         res = pipeline.inpaint(image, lm, "L4-L5", "dh_moderate_large", method=method, samples=samples, seed=seed,
                                steps=steps, device=device, disc_center_lps=disc, progress=progress,
-                               registry=registry)
+                               registry=registry, repaint_resample=repaint_resample)
         paths = pipeline.write_outputs(res, out / f"real_ivd11_dh_L4-L5_{method}.nrrd")
         row["images"][method] = res.outputs[0]
         summary["cases"].append({"case": "real_ivd11_dh_L4-L5", "level": "L4-L5", "condition": "dh_moderate_large",
