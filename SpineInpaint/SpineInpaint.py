@@ -424,7 +424,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = next((m for m in self._models if m.id == (p.model or models.defaultModelFor(p.method))), None)
         self.ui.deviceInfoLabel.text = dependencies.deviceMessage(
             result["info"], p.device, p.steps, p.samples, info.config if info else "small",
-            methods=len(p.methodsToRun()))
+            methods=p.methodsToRun())
 
     # ------------------------------------------------------------------------------------------ run
     def updateButtons(self):

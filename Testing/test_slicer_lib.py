@@ -28,6 +28,7 @@ if str(MODULE_DIR) not in sys.path:
 
 from SpineInpaintLib import dependencies, layout, level, models, nodes, runner  # noqa: E402
 from SpineInpaintLib.logic import InpaintLogic  # noqa: E402
+from SpineInpaintLib.parameters import METHODS as METHODS_ALL  # noqa: E402
 from SpineInpaintLib.parameters import (InpaintParameters, conditionFromPathologySeverity,  # noqa: E402
                                         getParameterNode, pathologySeverityFromCondition)
 
@@ -567,6 +568,9 @@ def test_dependencies_policy(tmp_path):
     msg = dependencies.deviceMessage(cpu, steps=50, samples=2)
     assert msg == f"running on CPU, expect ~{round(dependencies.estimateCpuSeconds(50, 2))} s"
     assert dependencies.deviceMessage(cpu, requested="cuda").startswith("CUDA requested but not available")
+    one, three = (dependencies.estimateCpuSeconds(50, 1, methods=m) for m in (["weighted"], METHODS_ALL))
+    assert three == pytest.approx(2 * one + dependencies.CPU_OVERHEAD_SECONDS +
+                                  51 * dependencies.CPU_SECONDS_PER_STEP["small"] * dependencies.REPAINT_FACTOR)
 
 
 def test_device_probe_in_subprocess():
