@@ -61,6 +61,20 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rank_rng(checkpoint: dict, rank: int, world_size: int, seed: int) -> int:
+    """Restore this rank's RNG state from a checkpoint and return its step.
+
+    A checkpoint written with another world size has no state for this rank: the RNGs are then re-seeded
+    from (seed, step, rank), which is reproducible but not bit-identical to an uninterrupted run."""
+    start = int(checkpoint["step"])
+    rngs = checkpoint.get("rng_per_rank") or []
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank])
+    else:
+        seed_everything(seed + 7919 * start, rank)
+    return start
+
+
 # --------------------------------------------------------------------------- EMA
 class EMA:
     """Exponential moving average of a model's parameters (buffers are copied).

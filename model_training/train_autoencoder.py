@@ -88,12 +88,7 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
         if scaler_g is not None and st.get("scaler"):
             scaler_g.load_state_dict(st["scaler"])
             scaler_d.load_state_dict(st["scaler_d"])
-        start = int(st["step"])
-        rngs = st.get("rng_per_rank") or []
-        if len(rngs) == env.world_size:
-            C.set_rng_state(rngs[env.rank])
-        else:
-            C.seed_everything(seed + 7919 * start, env.rank)
+        start = C.restore_rank_rng(st, env.rank, env.world_size, seed)
     elif resume and env.is_main and not quiet:
         print(f"[train-autoencoder] --resume: no checkpoint in {out}, starting from step 0", flush=True)
     if start == 0:  # data-dependent codebook init (anti-collapse), identical on every rank

@@ -183,12 +183,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
         sched.load_state_dict(st["lr_scheduler"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
-        start = int(st["step"])
-        rngs = st.get("rng_per_rank") or []
-        if len(rngs) == env.world_size:
-            C.set_rng_state(rngs[env.rank])
-        else:
-            C.seed_everything(seed + 7919 * start, env.rank)
+        start = C.restore_rank_rng(st, env.rank, env.world_size, seed)
     elif resume and env.is_main and not quiet:
         print(f"[train-ldm] --resume: no checkpoint in {out}, starting from step 0", flush=True)
     ema.to(dev)

@@ -46,6 +46,7 @@ __all__ = [
     "estimate_disc_center",
     "disc_frame_index",
     "physical_to_index",
+    "as_point",
 ]
 
 # Canonical FSU axis directions in LPS, columns = ITK axes (i, j, k).
@@ -69,7 +70,8 @@ def _fmt_point(p) -> str:
     return "(" + ", ".join(f"{float(v):.1f}" for v in np.asarray(p).reshape(3)) + ")"
 
 
-def _as_point(p, what: str = "point") -> np.ndarray:
+def as_point(p, what: str = "point") -> np.ndarray:
+    """3 finite LPS coordinates (mm) as a float64 array, else InputError naming ``what``."""
     try:
         a = np.asarray(p, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
@@ -158,7 +160,7 @@ def _apply_up(axes: np.ndarray, up_lps) -> np.ndarray:
 
     ``up_lps`` points towards superior (its sign is fixed so that it does: a vector between
     two neighbouring disc centres may be given in either order)."""
-    up0 = _as_point(up_lps, "up vector")
+    up0 = as_point(up_lps, "up vector")
     lr = axes[:, 0]
     up = up0 - np.dot(up0, lr) * lr
     n = np.linalg.norm(up)
@@ -183,7 +185,7 @@ def fsu_frame(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_lps
     """
     _require_3d(image)
     spec = spec or FSUSpec()
-    c = _as_point(center_lps, "FSU centre")
+    c = as_point(center_lps, "FSU centre")
     axes = canonical_axes(image.GetDirection())
     if up_lps is not None:
         axes = _apply_up(axes, up_lps)
@@ -213,7 +215,7 @@ def disc_frame_index(fsu: sitk.Image, point_lps, order: str = "itk") -> np.ndarr
 
     ``order="itk"`` -> ``(i, j, k)`` = (LR, AP, SI); ``order="numpy"`` -> ``(k, j, i)`` = (SI, AP, LR).
     """
-    idx = physical_to_index(fsu, _as_point(point_lps))
+    idx = physical_to_index(fsu, as_point(point_lps))
     if order == "itk":
         return idx
     if order == "numpy":
@@ -253,7 +255,7 @@ def fraction_inside(image: sitk.Image, frame: sitk.Image) -> float:
 
 def distance_outside_mm(image: sitk.Image, point_lps) -> float:
     """Distance (mm) from ``point_lps`` to the volume's voxel extent; 0 when inside."""
-    idx = physical_to_index(image, _as_point(point_lps))
+    idx = physical_to_index(image, as_point(point_lps))
     size = np.asarray(image.GetSize(), dtype=np.float64)
     lo = -0.5 - idx
     hi = idx - (size - 0.5)
@@ -265,7 +267,7 @@ def check_point_inside(image: sitk.Image, point_lps, what: str = "landmark") -> 
     """Raise ``InputError('landmark (x, y, z) LPS is 12.3 mm outside the volume')`` when the
     point lies outside the voxel extent of ``image``."""
     _require_3d(image)
-    p = _as_point(point_lps, what)
+    p = as_point(point_lps, what)
     dist = distance_outside_mm(image, p)
     if dist > 0:
         raise InputError(f"{what} {_fmt_point(p)} LPS is {max(dist, 0.05):.1f} mm outside the volume")
@@ -285,7 +287,7 @@ def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_l
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is required")
     spec = spec or FSUSpec()
-    c = _as_point(center_lps, "FSU centre")
+    c = as_point(center_lps, "FSU centre")
     ref = fsu_frame(image, c, spec, up_lps)
     frac = fraction_inside(image, ref)
     if frac < min_inside:
@@ -350,7 +352,7 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     _require_3d(inpainted_fsu, "inpainted FSU")
     if original.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("original volume must be scalar (1 component per voxel)")
-    lm = _as_point(landmark_lps, "landmark")
+    lm = as_point(landmark_lps, "landmark")
     radius = weight_radius_mm(sigma_mm, threshold)
     if not (math.isfinite(float(edge_taper_mm)) and float(edge_taper_mm) >= 0):
         raise InputError(f"edge_taper_mm must be >= 0, got {edge_taper_mm!r}")
@@ -518,7 +520,7 @@ def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None 
 
     Returns an LPS tuple. Pass an explicit disc centre whenever one is known.
     """
-    p = _as_point(landmark_lps, "landmark")
+    p = as_point(landmark_lps, "landmark")
     cond = parse_condition(condition)
     dist = DISC_OFFSET_MM[cond.split("_")[0]]
     c = p + dist * _anterior_axis(image)

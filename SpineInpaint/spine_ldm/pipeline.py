@@ -148,13 +148,9 @@ def _as_image(image) -> tuple[sitk.Image, str]:
 
 
 def _point(p, what: str) -> tuple[float, float, float]:
-    try:
-        a = np.asarray(p, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be 3 numbers (LPS mm), got {p!r}") from None
-    if a.shape != (3,) or not np.all(np.isfinite(a)):
-        raise InputError(f"{what} must be 3 finite numbers (LPS mm), got {p!r}")
-    return tuple(float(v) for v in a)
+    from .geometry import as_point
+
+    return tuple(float(v) for v in as_point(p, what))
 
 
 def _fsu_image(array: np.ndarray, frame: sitk.Image) -> sitk.Image:

@@ -45,14 +45,8 @@ def _evec(theta):
     return np.array([np.cos(theta), np.sin(theta)])
 
 
-@dataclass
-class Segment:
-    name: str
-    c: np.ndarray  # centre (y, z)
-    theta: float
-    H: float
-    D: float
-    W: float
+class _Frame2D:
+    """Local sagittal frame of a centre ``c`` (y, z) and tilt ``theta``: d along the axis, e posterior."""
 
     @property
     def d(self):
@@ -73,7 +67,17 @@ class Segment:
 
 
 @dataclass
-class Gap:
+class Segment(_Frame2D):
+    name: str
+    c: np.ndarray  # centre (y, z)
+    theta: float
+    H: float
+    D: float
+    W: float
+
+
+@dataclass
+class Gap(_Frame2D):
     name: str
     upper: int
     lower: int
@@ -86,22 +90,6 @@ class Gap:
     is_disc: bool
     degeneration: float = 0.0  # 0 healthy .. 1 severely desiccated
     cleft: bool = False  # intranuclear cleft
-
-    @property
-    def d(self):
-        return _dvec(self.theta)
-
-    @property
-    def e(self):
-        return _evec(self.theta)
-
-    def local(self, y, z):
-        dy, dz = y - self.c[0], z - self.c[1]
-        d, e = self.d, self.e
-        return dy * d[0] + dz * d[1], dy * e[0] + dz * e[1]
-
-    def point(self, u, v):
-        return self.c + u * self.d + v * self.e
 
     def height(self, v):
         return np.maximum(self.h_mid - v * self.dtheta, 0.6)
