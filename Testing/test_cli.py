@@ -274,3 +274,5 @@ def test_no_command_and_models_without_action(capsys):
     assert rc == 2 and "inpaint" in so
     rc, so, se = _main(["models"], capsys)
     assert rc == 2 and "expected an action" in se
+    rc, so, se = _main(["study"], capsys)
+    assert rc == 2 and "study: expected an action" in se

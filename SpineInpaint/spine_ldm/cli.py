@@ -373,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SpineLDMError(f"the reader study is not available: {args._study_missing}")
         func = getattr(args, "func", None)
         if func is None:
-            parser.parse_args([args.cmd, "--help"])
-            return 2
+            raise InputError(f"{args.cmd}: expected an action (see 'spine-ldm {args.cmd} --help')")
         return int(func(args) or 0)
     except KeyboardInterrupt:
         return _fail(CancelledError("cancelled by the user (nothing was written)"), em, debug)
