@@ -61,6 +61,18 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states(env) -> list:
+    """RNG state of every rank (rank order), for a checkpoint that resumes bit-identically under DDP."""
+    import torch.distributed as dist
+
+    rng = rng_state()
+    if not env.distributed:
+        return [rng]
+    rngs = [None] * env.world_size
+    dist.all_gather_object(rngs, rng)
+    return rngs
+
+
 def restore_rank_rng(checkpoint: dict, rank: int, world_size: int, seed: int) -> int:
     """Restore this rank's RNG state from a checkpoint and return its step.
 

@@ -262,12 +262,7 @@ def _step(opt, scaler, params, clip):
 
 
 def _checkpoint(out, env, step, ae, disc, ema, opt_g, opt_d, scaler_g, scaler_d, cfg, model_cfg, keep_every):
-    rng = C.rng_state()
-    if env.distributed:
-        rngs = [None] * env.world_size
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = C.gather_rng_states(env)
     if env.is_main:
         C.save_checkpoint(out, {
             "kind": KIND, "model": ae.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict(),

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from spine_ldm.conditions import CONDITIONS
 from spine_ldm.errors import InputError
@@ -294,12 +293,7 @@ def _prepare(batch, ae, model_cfg, sigma, dev, method):
 
 
 def _checkpoint(out, env, step, unet, ema, opt, sched, scaler, cfg, model_cfg, method, keep_every):
-    rng = C.rng_state()
-    if env.distributed:
-        rngs = [None] * env.world_size
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = C.gather_rng_states(env)
     if env.is_main:
         C.save_checkpoint(out, {
             "kind": KIND, "method": method, "model": unet.state_dict(), "ema": ema.state_dict(),
