@@ -27,7 +27,7 @@ import urllib.request
 import uuid
 from typing import Callable, Optional
 
-from .runner import CANCELLED, DONE, FAILED, IDLE, RUNNING
+from .runner import CANCELLED, DONE, FAILED, IDLE, RUNNING, drainQueue, waitForRun
 
 
 class RemoteError(Exception):
@@ -227,11 +227,7 @@ class RemoteJob:
 
     def poll(self) -> list[dict]:
         events = []
-        while True:
-            try:
-                event = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for event in drainQueue(self._queue):
             kind = event.get("event")
             if self.state != RUNNING and kind in ("done", "error", "cancelled", "progress"):
                 continue  # the run is already over (e.g. cancelled locally): never resurrect it
@@ -251,14 +247,7 @@ class RemoteJob:
 
     def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.05,
              onEvent: Optional[Callable[[dict], None]] = None) -> str:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for e in self.poll():
-                if onEvent:
-                    onEvent(e)
-            if self.state != RUNNING or (deadline is not None and time.monotonic() > deadline):
-                return self.state
-            time.sleep(pollInterval)
+        return waitForRun(self, timeout, pollInterval, onEvent)
 
     def cancel(self, timeout: float = 2.0) -> bool:
         """Ask the server to cancel; the local state is 'cancelled' within ``timeout`` s either way."""

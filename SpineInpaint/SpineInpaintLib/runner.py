@@ -141,6 +141,30 @@ def inpaintCommand(payload: dict, inputPath: str, outputDir: str, python: Option
 
 
 # ---------------------------------------------------------------------------------------------- process
+def drainQueue(q: "queue.Queue") -> list:
+    """Everything in ``q`` right now, without blocking."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def waitForRun(run, timeout: Optional[float] = None, pollInterval: float = 0.05,
+               onEvent: Optional[Callable[[dict], None]] = None) -> str:
+    """Poll ``run`` (a BackendProcess or RemoteBackend) until it leaves RUNNING or ``timeout`` passes;
+    returns its final state."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for e in run.poll():
+            if onEvent:
+                onEvent(e)
+        if run.state != RUNNING or (deadline is not None and time.monotonic() > deadline):
+            return run.state
+        time.sleep(pollInterval)
+
+
 class BackendProcess:
     """One backend run. Poll it (``poll()``) from a timer, or block on ``wait()``.
 
@@ -213,21 +237,11 @@ class BackendProcess:
     # -- polling
     def poll(self) -> list[dict]:
         """Events since the last call; updates ``state`` (the final event is ``done``/``error``/``cancelled``)."""
-        events = []
-        while True:
-            try:
-                event = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            events.append(self._handle(event))
+        events = [self._handle(e) for e in drainQueue(self._queue)]
         if self.state == RUNNING and self._proc is not None and self._proc.poll() is not None:
             for t in self._threads:  # drain what the process wrote before exiting
                 t.join(timeout=1.0)
-            while True:
-                try:
-                    events.append(self._handle(self._queue.get_nowait()))
-                except queue.Empty:
-                    break
+            events += [self._handle(e) for e in drainQueue(self._queue)]
             events += self._finalize(self._proc.returncode)
         if self.onEvent:
             for e in events:
@@ -272,16 +286,7 @@ class BackendProcess:
     def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.05,
              onEvent: Optional[Callable[[dict], None]] = None) -> str:
         """Block until the run ends (or ``timeout``); returns the final state."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for e in self.poll():
-                if onEvent:
-                    onEvent(e)
-            if self.state != RUNNING:
-                return self.state
-            if deadline is not None and time.monotonic() > deadline:
-                return self.state
-            time.sleep(pollInterval)
+        return waitForRun(self, timeout, pollInterval, onEvent)
 
     # -- cancel
     def cancel(self, timeout: float = 2.0) -> bool:
