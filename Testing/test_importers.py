@@ -38,6 +38,7 @@ def _write_spider(root: Path) -> dict:
     # a posterior protrusion on a lateral slice (i = 3) must NOT move the mid-sagittal landmark of 201
     m[42, 20:23, 3] = 201
     m[5, 5, 5] = 1  # a vertebra label, ignored
+    m[20:51, 23:27, 4:7] = 100  # spinal canal: a column behind the discs, SI k 20..50 (covers 201, 202, not 203)
     spacing, origin = (3.3, 0.7, 0.8), (-15.0, -60.0, 20.0)
     img = sitk.GetImageFromArray(np.random.default_rng(0).normal(500, 50, m.shape).astype(np.float32))
     msk = sitk.GetImageFromArray(m)
@@ -55,6 +56,10 @@ def _write_spider(root: Path) -> dict:
         # posterior face of the box (j1) on the mid slice (i = 5), at the box's mid height
         lm = np.asarray(origin) + np.asarray(spacing) * (5, j1, (k0 + k1) / 2)
         expected[("1", lab)] = (centre, lm)
+    # canal centre: the canal voxels within the disc's SI extent (k0..k1): i 4..6, j 23..26 -> (5, 24.5, mid k)
+    for lab in (201, 202):
+        k0, k1 = _spider_disc_boxes()[lab][4:]
+        expected[("1", lab, "canal")] = np.asarray(origin) + np.asarray(spacing) * (5, 24.5, (k0 + k1) / 2)
     np.testing.assert_allclose(expected[("1", 202)][0], np.asarray(origin) + np.asarray(spacing) * (5, 14.5, 27.5))
     # ---- patient 7: PIR storage. ITK axes: i -> posterior (0,1,0), j -> inferior (0,0,-1), k -> right (-1,0,0)
     d = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # columns = axis directions
@@ -95,6 +100,9 @@ def test_spider_importer_centres_landmarks_and_grades(tmp_path):
         c, lm = expected[("1", lab)]
         np.testing.assert_allclose(by[lv].disc_center_lps, c, atol=1e-4)
         np.testing.assert_allclose(by[lv].landmark_lps, lm, atol=1e-4)
+        np.testing.assert_allclose(by[lv].canal_lps, expected[("1", lab, "canal")], atol=1e-4)
+    # the canal centre lies posterior (+y) of the posterior disc margin, at the disc's height
+    assert by["L4-L5"].canal_lps[1] > by["L4-L5"].landmark_lps[1] + 2.0
     # the lateral protrusion (posterior to the box, on slice i = 3) shifted the centroid but not the landmark
     assert by["L5-S1"].disc_center_lps[1] > -60.0 + 0.7 * 13.5 + 1e-3
     assert by["L5-S1"].landmark_lps[1] == pytest.approx(-60.0 + 0.7 * 19, abs=1e-4)
@@ -107,6 +115,7 @@ def test_spider_importer_centres_landmarks_and_grades(tmp_path):
     c, lm = expected[("7", 202)]
     np.testing.assert_allclose(r7[0].disc_center_lps, c, atol=1e-4)
     np.testing.assert_allclose(r7[0].landmark_lps, lm, atol=1e-4)
+    assert r7[0].canal_lps is None  # no canal label (100) in that mask -> empty
     # posterior = larger LPS y: the landmark lies posterior of the centre by half the disc depth minus half a voxel
     assert r7[0].landmark_lps[1] - r7[0].disc_center_lps[1] == pytest.approx(0.9 * 7, abs=1e-4)
 
@@ -270,6 +279,7 @@ def test_rsna_importer_volume_geometry_landmarks_and_grades(tmp_path):
     for lv, r in by.items():
         p, value = expected[lv]
         np.testing.assert_allclose(r.landmark_lps, p, atol=1e-4)
+        assert r.canal_lps == r.landmark_lps  # the RSNA canal point is the canal centre, healthy levels too
         if value is not None:  # the voxel at the landmark holds the pixel the annotator clicked on
             idx = img.TransformPhysicalPointToIndex(tuple(p))
             assert int(img[idx]) == value, lv
@@ -349,6 +359,30 @@ def test_manual_manifest_bad_row_names_line_and_column(tmp_path, line, column, f
     assert "\n" not in msg
 
 
+def test_canal_lps_column_is_optional_validated_and_checked_against_the_image(tmp_path):
+    from model_training.importers.generic import import_manifest
+
+    _small_volume(tmp_path / "scans" / "a.nrrd")  # extent x 0..38, y 0..29, z 0..39 mm
+    m = tmp_path / "m.csv"
+    # an older manifest without the column reads, canal_lps = None
+    m.write_text('study_id,image_path,level,disc_center_lps,condition,landmark_lps,split,source\n'
+                 'p1,scans/a.nrrd,L4-L5,"10,15,20",none,"10,20,20",,manual\n')
+    assert read_manifest(m)[0].canal_lps is None
+    head = 'study_id,image_path,level,disc_center_lps,condition,landmark_lps,canal_lps\n'
+    m.write_text(head + 'p1,scans/a.nrrd,L4-L5,"10,15,20",none,"10,20,20","10, 25, 20"\n'
+                 'p1,scans/a.nrrd,L5-S1,"10,15,30",none,,\n')
+    rows = import_manifest(m)
+    assert [r.canal_lps for r in rows] == [(10.0, 25.0, 20.0), None]
+    m.write_text(head + 'p1,scans/a.nrrd,L4-L5,"10,15,20",none,,"1,2"\n')
+    with pytest.raises(InputError, match=r"^m.csv line 2 \(study 'p1'\), column 'canal_lps': .*3 numbers"):
+        read_manifest(m, default_source="manual")
+    m.write_text(head + 'p1,scans/a.nrrd,L4-L5,"10,15,20",none,,"10,-25,20"\n')  # RAS y given: 24.5 mm outside
+    with pytest.raises(InputError, match=r"line 2 .*column 'canal_lps': point \(10,-25,20\) LPS is 24.5 mm outside"):
+        import_manifest(m)
+    with pytest.raises(InputError, match="canal_lps must be 3 numbers"):
+        Row(study_id="p", image_path="a", level="L4-L5", disc_center_lps=(0, 0, 0), canal_lps=(1, 2))
+
+
 def test_manifest_structural_errors(tmp_path):
     m = tmp_path / "m.csv"
     m.write_text("study_id,image_path,level,disc_center,condition,source\n")
@@ -382,7 +416,7 @@ def _rows(n_studies=20, levels=("L3-L4", "L4-L5", "L5-S1")):
             rows.append(Row(study_id=f"s{s:02d}", image_path=f"/data/s{s}.nrrd", level=lv,
                             disc_center_lps=(0.5 * s, -1.25, 3.0), condition=cond,
                             landmark_lps=(1.0, 2.0, 3.0) if cond != "none" else None, spacing=(0.6, 0.6, 4.3),
-                            source="manual"))
+                            source="manual", canal_lps=(0.25, 9.5, -3.125) if s % 2 else None))
     return rows
 
 
@@ -390,8 +424,9 @@ def test_write_read_roundtrip_and_relative_paths(tmp_path):
     rows = assign_splits(_rows(5), seed=3)
     p = write_manifest(tmp_path / "out" / "m.csv", rows)
     header = p.read_text().splitlines()[0]
-    assert header == ",".join(COLUMNS)
+    assert header == ",".join(COLUMNS) and header.endswith(",source,canal_lps")
     assert read_manifest(p) == rows
+    assert {r.canal_lps for r in read_manifest(p)} == {None, (0.25, 9.5, -3.125)}
     img = _small_volume(tmp_path / "out" / "imgs" / "x.nrrd")
     del img
     r = [rows[0].replace(image_path=str(tmp_path / "out" / "imgs" / "x.nrrd"))]

@@ -20,6 +20,11 @@ landmark_lps       pathology landmark ``"x,y,z"`` LPS mm, or empty. For healthy 
                    point where a pathology *could* be inpainted (e.g. the RSNA canal point).
 split              train | val | test, or empty (= not assigned yet; see :func:`assign_splits`).
 source             spider | rsna | manual | phantom.
+canal_lps          optional: centre of the central canal (thecal sac) at the level of the disc, ``"x,y,z"``
+                   LPS mm, or empty. This is where a central canal stenosis (CCS) landmark goes: evaluation
+                   inpaints ccs_* conditions into healthy FSUs here (``landmark_lps`` of a healthy row is the
+                   herniation-style point on the posterior disc margin). The column itself may be absent
+                   (older / hand-written manifests still read).
 =================  ==========================================================================================
 
 All coordinates are LPS mm (DEVELOPERS.md). ``read_manifest`` validates every row and raises
@@ -47,6 +52,7 @@ from spine_ldm.errors import InputError
 
 COLUMNS: tuple[str, ...] = (
     "study_id", "image_path", "spacing", "level", "disc_center_lps", "condition", "landmark_lps", "split", "source",
+    "canal_lps",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("study_id", "image_path", "level", "disc_center_lps", "condition")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -68,6 +74,8 @@ class Row:
     spacing: Point | None = None
     split: str = ""
     source: str = "manual"
+    #: centre of the central canal at the disc level (where a CCS landmark goes), or None
+    canal_lps: Point | None = None
     #: line in the manifest file this row was read from (0 = not from a file); not part of equality
     line: int = field(default=0, compare=False, repr=False)
 
@@ -82,6 +90,8 @@ class Row:
         object.__setattr__(self, "disc_center_lps", _as_point(self.disc_center_lps, "disc_center_lps"))
         if self.landmark_lps is not None:
             object.__setattr__(self, "landmark_lps", _as_point(self.landmark_lps, "landmark_lps"))
+        if self.canal_lps is not None:
+            object.__setattr__(self, "canal_lps", _as_point(self.canal_lps, "canal_lps"))
         if self.spacing is not None:
             sp = _as_point(self.spacing, "spacing")
             if min(sp) <= 0:
@@ -133,6 +143,7 @@ class Row:
             "landmark_lps": format_point(self.landmark_lps) if self.landmark_lps is not None else "",
             "split": self.split,
             "source": self.source,
+            "canal_lps": format_point(self.canal_lps) if self.canal_lps is not None else "",
         }
 
 
@@ -222,12 +233,13 @@ def _parse_row(rec: dict[str, str], where: str, base_dir: Path, default_source: 
             vals[col] = fn(rec[col].strip())
         except InputError as e:
             raise fail(col, str(e)) from None
-    lm = (rec.get("landmark_lps") or "").strip()
-    if lm:
-        try:
-            vals["landmark_lps"] = parse_point(lm)
-        except InputError as e:
-            raise fail("landmark_lps", str(e)) from None
+    for col in ("landmark_lps", "canal_lps"):
+        lm = (rec.get(col) or "").strip()
+        if lm:
+            try:
+                vals[col] = parse_point(lm)
+            except InputError as e:
+                raise fail(col, str(e)) from None
     sp = (rec.get("spacing") or "").strip()
     if sp:
         try:

@@ -1,8 +1,8 @@
 """A manifest written by hand (or by your own script) -> validated manifest rows.
 
 Write a CSV with the columns of :mod:`model_training.manifest` (``study_id, image_path, level,
-disc_center_lps, condition`` are required; ``spacing``, ``landmark_lps``, ``split``, ``source`` may be
-left out or empty), e.g.::
+disc_center_lps, condition`` are required; ``spacing``, ``landmark_lps``, ``split``, ``source``,
+``canal_lps`` may be left out or empty), e.g.::
 
     study_id,image_path,level,disc_center_lps,condition,landmark_lps
     p01,scans/p01_t2.nrrd,L4-L5,"1.6,-35.3,-25.7",dh_small,"1.5,-18.0,-25.0"
@@ -10,8 +10,8 @@ left out or empty), e.g.::
 
 Coordinates are LPS mm (what ITK/SimpleITK report; Slicer shows RAS = (-x, -y, z)). Relative image paths are
 resolved against the CSV's folder. :func:`import_manifest` checks, on top of the CSV syntax (``read_manifest``):
-every image exists and has a readable 3-D header; the disc centre and the landmark lie inside the image (at
-most ``tolerance_mm`` outside); it fills ``spacing`` from the header and ``source`` with ``manual``. Every
+every image exists and has a readable 3-D header; the disc centre, the landmark and the canal centre lie inside
+the image (at most ``tolerance_mm`` outside); it fills ``spacing`` from the header and ``source`` with ``manual``. Every
 problem raises ``InputError`` naming the line, study and column.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ def validate_rows_against_images(rows: list[Row], *, tolerance_mm: float = 0.0, 
             headers[r.image_path] = h
         if isinstance(h, InputError):
             raise InputError(f"{where}, column 'image_path': {h}")
-        for col, p in (("disc_center_lps", r.disc_center_lps), ("landmark_lps", r.landmark_lps)):
+        for col, p in (("disc_center_lps", r.disc_center_lps), ("landmark_lps", r.landmark_lps),
+                       ("canal_lps", r.canal_lps)):
             if p is None:
                 continue
             d = h.distance_outside_mm(p)

@@ -27,6 +27,8 @@ What is imported, and how:
   (LPS mm; x = column, y = row, pixel-centre convention as DICOM's IPP, i.e. (0, 0) is the centre of the first
   pixel), computed from the annotated instance's own header. Set for healthy levels too (where stenosis
   could be inpainted).
+* **Canal centre** (``canal_lps``): the same canal coordinate. The RSNA point *is* the centre of the central
+  canal at the disc level, i.e. where a CCS landmark goes, for every row.
 * **Disc centre**: RSNA has no disc annotation, so it is *derived*: the canal landmark shifted anteriorly along
   the volume's own anterior-posterior axis by ``spine_ldm.geometry.DISC_OFFSET_MM["ccs"]`` (28 mm: canal centre
   ~8 mm behind the posterior disc margin, disc centre ~20 mm in front of it), via
@@ -288,7 +290,7 @@ def _import_study(root, cache_dir, study, grade_row, sag_series, canal_levels, d
             centre = tuple(float(v) for v in np.asarray(p) + float(disc_offset_mm) * ant)
         rows.append(Row(study_id=f"rsna-{study}", image_path=str(out_path.resolve()), level=level,
                         disc_center_lps=centre, condition=cond, landmark_lps=p, spacing=hdr.spacing,
-                        split="", source="rsna"))
+                        split="", source="rsna", canal_lps=p))
     return rows
 
 

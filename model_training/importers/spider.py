@@ -28,6 +28,9 @@ What is imported, and how:
   most posterior position along ``u``; the landmark is the mean LPS position of those voxel centres. It is the
   natural seed of a posterior herniation (and is set for healthy discs too, as the point where a herniation
   could be inpainted). ``landmark="none"`` leaves it empty.
+* **Canal centre** (``canal_lps``, where a stenosis landmark goes): the centroid (LPS mm) of the spinal-canal
+  voxels (mask value ``CANAL_LABEL`` = 100) whose centres lie within the superior-inferior extent of that disc's
+  voxels (projection on the image axis closest to LPS S-I); empty when the mask has no canal voxels there.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ from .common import ImageHeader, SkipLog
 #: IVD label n (mask value 200 + n) -> level. 6 (T12-L1) is not a lumbar FSU of ours and is skipped.
 IVD_LEVELS = {1: "L5-S1", 2: "L4-L5", 3: "L3-L4", 4: "L2-L3", 5: "L1-L2"}
 DISC_LABEL_OFFSET = 200
+#: spinal canal mask value
+CANAL_LABEL = 100
 GRADINGS_FILE = "radiological_gradings.csv"
 _NAME = re.compile(r"^(\d+)_(t1|t2|t2_space)$", re.IGNORECASE)
 
@@ -110,6 +115,33 @@ def disc_geometry(mask: sitk.Image, label: int, *, si_band_mm: float = 3.0,
     post = pts[sel][a >= a.max() - (0.5 * in_plane + 1e-6)]
     landmark = post.mean(axis=0)
     return tuple(float(v) for v in centre), tuple(float(v) for v in landmark)
+
+
+def canal_center(mask: sitk.Image, disc_label: int, *, array: np.ndarray | None = None,
+                 canal_label: int = CANAL_LABEL,
+                 _canal_pts: np.ndarray | None = None) -> tuple[float, float, float] | None:
+    """Centroid (LPS mm) of the canal voxels within the S-I extent of disc ``disc_label``, or None.
+
+    The S-I coordinate of a voxel is its physical position projected on the image axis closest to LPS S-I; a canal
+    voxel counts when that coordinate lies within [min, max] of the disc's voxels (+- 1e-6 mm).
+    """
+    a = sitk.GetArrayViewFromImage(mask) if array is None else array
+    hdr = ImageHeader.of(mask)
+    disc = np.argwhere(a == disc_label)
+    if disc.size == 0:
+        return None
+    if _canal_pts is None:
+        kji = np.argwhere(a == canal_label)
+        _canal_pts = hdr.index_to_physical(kji[:, ::-1].astype(np.float64)) if kji.size else np.zeros((0, 3))
+    if len(_canal_pts) == 0:
+        return None
+    si_ax = hdr.axis_closest_to(LPS_SI)
+    s_disc = hdr.index_to_physical(disc[:, ::-1].astype(np.float64)) @ si_ax
+    s_canal = _canal_pts @ si_ax
+    sel = (s_canal >= s_disc.min() - 1e-6) & (s_canal <= s_disc.max() + 1e-6)
+    if not sel.any():
+        return None
+    return tuple(float(v) for v in _canal_pts[sel].mean(axis=0))
 
 
 def disc_axes(rel: np.ndarray, ap_ax: np.ndarray, si_ax: np.ndarray, *, min_elongation: float = 1.5,
@@ -191,6 +223,9 @@ def import_spider(root: str | os.PathLike, *, include_t2_space: bool = False,
                         "series skipped to be safe)")
             continue
         arr = sitk.GetArrayFromImage(mask)
+        kji = np.argwhere(arr == CANAL_LABEL)
+        canal_pts = ImageHeader.of(mask).index_to_physical(kji[:, ::-1].astype(np.float64)) if kji.size \
+            else np.zeros((0, 3))
         for ivd, level in IVD_LEVELS.items():
             g = grades.get((patient, ivd))
             if g is None:
@@ -201,15 +236,16 @@ def import_spider(root: str | os.PathLike, *, include_t2_space: bool = False,
                 skipped.add(f"{img_path.name} {level}: disc label {DISC_LABEL_OFFSET + ivd} absent from the mask")
                 continue
             centre, lm = geo
+            canal = canal_center(mask, DISC_LABEL_OFFSET + ivd, array=arr, _canal_pts=canal_pts)
             dh = g.get("Disc herniation", 0)
             rows.append(Row(
                 study_id=f"spider-{patient}", image_path=str(img_path.resolve()), level=level,
                 disc_center_lps=centre, condition=herniation_condition if dh >= 1 else "none",
                 landmark_lps=lm if landmark == "posterior_margin" else None, spacing=hdr.spacing,
-                split="", source="spider"))
+                split="", source="spider", canal_lps=canal))
         if progress is not None:
             progress(n_done, len(series))
     return rows
 
 
-__all__ = ["import_spider", "read_gradings", "disc_geometry", "disc_axes", "find_series", "IVD_LEVELS"]
+__all__ = ["import_spider", "read_gradings", "disc_geometry", "disc_axes", "canal_center", "CANAL_LABEL", "find_series", "IVD_LEVELS"]
