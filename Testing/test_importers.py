@@ -561,3 +561,66 @@ def test_phantom_importer_two_tiny_studies_with_twins(tmp_path):
     rows2 = import_phantoms(out, 2, seed=3, mix={"dh_moderate_large": 0.5}, spacing=(2.0, 2.0, 4.3),
                             healthy_twins=True)
     assert rows2 == rows and os.stat(p.image_path).st_mtime_ns == mt
+
+
+def test_phantom_plan_several_pathologies_and_level_weights():
+    from model_training.importers.phantom import plan_pathologies, plan_studies
+
+    mix = {"dh_small": 0.3, "ccs_severe": 0.3, "ccs_moderate": 0.2}
+    p = plan_pathologies(40, seed=2, mix=mix, pathologies_per_study=2)
+    assert Counter(len(d) for d in p) == {2: 32, 0: 8}
+    # the slot's own condition comes first; the counts of first conditions follow the mix
+    assert Counter(next(iter(d.values())) for d in p if d) == {"dh_small": 12, "ccs_severe": 12, "ccs_moderate": 8}
+    assert all(len(set(d.values())) == len(d) for d in p)  # different pathologies, at distinct levels (dict keys)
+    assert {c for d in p for c in d.values()} == set(mix)
+    assert plan_pathologies(40, seed=2, mix=mix, pathologies_per_study=2) == p
+    # only one pathology in the mix: the second one cannot differ, so studies carry one
+    assert {len(d) for d in plan_pathologies(5, 0, {"dh_small": 1.0}, pathologies_per_study=2)} == {1}
+    # level weights: zero-weight levels are never drawn, heavy ones most often
+    w = {"L1-L2": 0.0, "L2-L3": 0.0, "L3-L4": 0.1, "L4-L5": 0.6, "L5-S1": 0.3}
+    lv = Counter(lv for d in plan_pathologies(200, 1, {"dh_small": 1.0}, level_weights=w) for lv in d)
+    assert set(lv) <= {"L3-L4", "L4-L5", "L5-S1"} and lv["L4-L5"] > lv["L5-S1"] > lv["L3-L4"]
+    lv2 = Counter(lv for d in plan_pathologies(100, 1, {"dh_small": 0.5, "ccs_severe": 0.5},
+                                              pathologies_per_study=2, level_weights=w) for lv in d)
+    assert set(lv2) <= {"L3-L4", "L4-L5", "L5-S1"} and sum(lv2.values()) == 200
+    # the default (1 per study, uniform) plan is what plan_studies always returned
+    assert plan_studies(10, 4, {"dh_small": 0.2, "ccs_severe": 0.3}) == \
+        [(next(iter(d.values()), "none"), next(iter(d), None))
+         for d in plan_pathologies(10, 4, {"dh_small": 0.2, "ccs_severe": 0.3})]
+    with pytest.raises(InputError, match="pathologies_per_study=6 needs 6 distinct levels"):
+        plan_pathologies(3, 0, pathologies_per_study=6)
+    with pytest.raises(InputError, match="level_weights give 1 of the levels"):
+        plan_pathologies(3, 0, pathologies_per_study=2, level_weights={"L4-L5": 1.0})
+
+
+def test_phantom_importer_two_pathologies_per_study_twin_and_canal(tmp_path):
+    import json
+
+    from model_training.importers.phantom import import_phantoms
+
+    rows = import_phantoms(tmp_path / "ph", 1, seed=5, mix={"dh_moderate_large": 0.5, "ccs_severe": 0.5},
+                           spacing=(2.0, 2.0, 4.3), healthy_twins=True, pathologies_per_study=2,
+                           level_weights={"L3-L4": 1.0, "L4-L5": 1.0, "L5-S1": 1.0})
+    assert len(rows) == 2 * 5 and len({r.study_id for r in rows}) == 1
+    patho = [r for r in rows if r.condition != "none"]
+    assert sorted(r.condition for r in patho) == ["ccs_severe", "dh_moderate_large"]
+    assert len({r.level for r in patho}) == 2 and {r.level for r in patho} <= {"L3-L4", "L4-L5", "L5-S1"}
+    img = patho[0].image_path
+    assert all(r.image_path == img for r in patho)  # both in the same image
+    lm = json.loads((Path(img).parent / "landmarks.json").read_text())
+    assert {p["level"]: p["condition"] for p in lm["pathologies"]} == {r.level: r.condition for r in patho}
+    twins = {r.level: r for r in rows if r.image_path != img}
+    assert Path(next(iter(twins.values())).image_path).parent.name == "twin"
+    assert all(r.condition == "none" for r in twins.values())
+    for p in patho:  # the twin carries both "missing pathology" landmarks
+        assert twins[p.level].landmark_lps == p.landmark_lps
+    # canal_lps on every row = the generator's thecal-sac centre at that level (twin: same anatomy)
+    lm_t = json.loads((tmp_path / "ph" / rows[0].study_id / "twin" / "landmarks.json").read_text())
+    for r in rows:
+        src = lm if r.image_path == img else lm_t
+        np.testing.assert_allclose(r.canal_lps, src["canal"][r.level]["center_LPS_mm"])
+        # the canal centre lies behind (+y, posterior) the posterior disc margin
+        assert r.canal_lps[1] > src["discs"][r.level]["posterior_margin_LPS_mm"][1]
+    # the stenosis landmark is the canal point of its level (what evaluation uses for healthy rows)
+    ccs = next(r for r in patho if r.condition == "ccs_severe")
+    assert np.linalg.norm(np.subtract(ccs.landmark_lps, twins[ccs.level].canal_lps)) < 1.0
