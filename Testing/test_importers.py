@@ -624,3 +624,32 @@ def test_phantom_importer_two_pathologies_per_study_twin_and_canal(tmp_path):
     # the stenosis landmark is the canal point of its level (what evaluation uses for healthy rows)
     ccs = next(r for r in patho if r.condition == "ccs_severe")
     assert np.linalg.norm(np.subtract(ccs.landmark_lps, twins[ccs.level].canal_lps)) < 1.0
+
+
+def test_demo_make_phantoms_writes_twins_and_splits(tmp_path):
+    from model_training.demo_weights import LEVEL_WEIGHTS, make_phantoms
+
+    logs = []
+    m = make_phantoms(tmp_path, 3, seed=1, mix={"dh_moderate_large": 0.7, "ccs_severe": 0.3}, log=logs.append,
+                      shape=(40, 64, 6))
+    assert m == tmp_path / "phantoms.csv" and any("3 studies" in s for s in logs)
+    rows = read_manifest(m)
+    assert all(r.split in ("train", "val", "test") and r.source == "phantom" for r in rows)
+    for s in {r.study_id for r in rows}:
+        assert len({r.split for r in rows if r.study_id == s}) == 1  # twins share their study's split
+    assert len(rows) == 3 * 2 * 5 and all(r.canal_lps is not None for r in rows)
+    patho = [r for r in rows if r.condition != "none"]
+    assert len(patho) == 3 * 2 and sorted({r.condition for r in patho}) == ["ccs_severe", "dh_moderate_large"]
+    for r in patho:  # what render_check looks up: the healthy twin (same study and level, other image)
+        twin = [h for h in rows if h.study_id == r.study_id and h.level == r.level and h.condition == "none"
+                and h.image_path != r.image_path]
+        assert len(twin) == 1 and twin[0].landmark_lps == r.landmark_lps
+        assert LEVEL_WEIGHTS[r.level] > 0
+    # second call reuses the manifest
+    assert make_phantoms(tmp_path, 3, seed=1, log=logs.append) == m and "reusing" in logs[-1]
+    # healthy studies: one image each (their "twin" would be the same image again)
+    rows_h = read_manifest(make_phantoms(tmp_path / "h", 3, seed=1, mix={"dh_small": 0.34}, log=logs.append,
+                                         shape=(40, 64, 6)))
+    images = Counter(r.study_id for r in rows_h)
+    assert sorted(images.values()) == [5, 5, 10] and not any("twin" in r.image_path for r in rows_h
+                                                             if images[r.study_id] == 5)

@@ -45,7 +45,16 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def make_phantoms(work: Path, n_studies: int, seed: int, mix=None, log=print) -> Path:
+#: level draw of the demo's pathologies (the lower levels carry most lumbar pathology)
+LEVEL_WEIGHTS = {"L1-L2": 0.1, "L2-L3": 0.15, "L3-L4": 0.2, "L4-L5": 0.3, "L5-S1": 0.25}
+PHANTOM_SPACING = (0.9, 0.9, 4.3)
+
+
+def make_phantoms(work: Path, n_studies: int, seed: int, mix=None, log=print, shape=None) -> Path:
+    """Phantom studies via :func:`model_training.importers.phantom.import_phantoms` (each pathological study: two
+    different pathologies at two distinct levels drawn with :data:`LEVEL_WEIGHTS`, plus its healthy twin under
+    the same study id), split per study (80/10/10, ``seed``), written to ``<work>/phantoms.csv`` (reused when
+    present). ``shape`` overrides the phantom voxel counts (tests)."""
     from model_training.manifest import assign_splits, write_manifest
 
     manifest = work / "phantoms.csv"
@@ -53,89 +62,31 @@ def make_phantoms(work: Path, n_studies: int, seed: int, mix=None, log=print) ->
         log(f"[demo] phantoms: reusing {manifest}")
         return manifest
     t = time.time()
-    rows = generate_phantom_rows(work / "phantoms", n_studies, seed, mix=dict(mix or DEFAULT_MIX), log=log)
-    if not any(r.split for r in rows):
-        rows = assign_splits(rows, (0.8, 0.1, 0.1), seed=seed)
+    rows = generate_phantom_rows(work / "phantoms", n_studies, seed, mix=dict(mix or DEFAULT_MIX), log=log,
+                                 shape=shape)
+    rows = assign_splits(rows, (0.8, 0.1, 0.1), seed=seed)
     write_manifest(manifest, rows)
     log(f"[demo] phantoms: {n_studies} studies, {len(rows)} FSUs in {time.time() - t:.0f}s -> {manifest}")
     return manifest
 
 
-LEVEL_WEIGHTS = {"L1-L2": 0.1, "L2-L3": 0.15, "L3-L4": 0.2, "L4-L5": 0.3, "L5-S1": 0.25}
-PHANTOM_SPACING = (0.9, 0.9, 4.3)
-
-
-def _could_be_landmark(lm: dict, level: str) -> tuple:
-    """Where a pathology could be inpainted at a healthy level: 4 mm posterior of the posterior disc margin
-    (about where the centre of a moderate/large herniation lies)."""
-    x, y, z = lm["discs"][level]["posterior_margin_LPS_mm"]
-    return (float(x), float(y) + 4.0, float(z))
-
-
 def generate_phantom_rows(out_dir: Path, n_studies: int, seed: int, mix: dict, spacing=PHANTOM_SPACING,
-                          log=print) -> list:
-    """Phantom studies straight from ``spine_ldm.phantom``: each study is a pair of images with identical anatomy
-    (pathological + healthy twin, same study id so they share a split). A pathological study carries 1-2
-    pathologies (drawn from ``mix``; the rest of the studies are healthy) at distinct levels (``LEVEL_WEIGHTS``).
-    Pathological FSUs carry the phantom's landmark; healthy FSUs carry a "could be" landmark (the twin's
-    pathology landmark at that level, else 4 mm behind the posterior disc margin)."""
-    import numpy as np
+                          log=print, shape=None) -> list:
+    """The demo's phantom rows (no splits): :func:`model_training.importers.phantom.import_phantoms` with healthy
+    twins, two pathologies per pathological study at :data:`LEVEL_WEIGHTS`-drawn levels, posterior-margin
+    candidate landmarks on healthy levels. The "twin" of a healthy study is the same image again: its rows are
+    left out (one image per healthy study, as in the pathological studies' healthy twins)."""
+    from model_training.importers.phantom import import_phantoms
 
-    from model_training.manifest import Row
-    from spine_ldm.phantom import generate, write_case
+    def progress(done, total):
+        if done % 10 == 0 or done == total:
+            log(f"[demo] phantoms: {done}/{total}")
 
-    from spine_ldm.conditions import LEVELS
-
-    rng = np.random.default_rng(seed)
-    conds = list(mix)
-    probs = np.array([mix[c] for c in conds], float)
-    p_healthy = max(0.0, 1.0 - probs.sum())
-    all_p = np.append(probs, p_healthy)
-    all_p = all_p / all_p.sum()
-    lw = np.array([LEVEL_WEIGHTS[lv] for lv in LEVELS])
-    rows = []
-    for s in range(n_studies):
-        ss = int(seed) * 100_000 + s
-        pick = rng.choice(len(all_p), p=all_p)
-        patho = {}
-        if pick < len(conds):
-            k = 1 + int(rng.random() < 0.5)
-            levels = rng.choice(len(LEVELS), size=k, replace=False, p=lw / lw.sum())
-            for j, li in enumerate(levels):
-                c = conds[pick] if j == 0 else conds[rng.choice(len(conds), p=probs / probs.sum())]
-                patho[LEVELS[int(li)]] = c
-        sid = f"ph{ss:06d}"
-        healthy = generate(seed=ss, spacing=spacing)
-        hdir = out_dir / sid / "healthy"
-        _write_t2(healthy, hdir)
-        lms = {}
-        if patho:
-            case = generate(seed=ss, spacing=spacing, pathologies=patho)
-            pdir = out_dir / sid / "pathological"
-            _write_t2(case, pdir)
-            lms = {p["level"]: (p["condition"], tuple(float(v) for v in p["landmark_LPS_mm"]))
-                   for p in case.landmarks["pathologies"]}
-            for lv in LEVELS:
-                c, lm = lms.get(lv, ("none", _could_be_landmark(case.landmarks, lv)))
-                rows.append(Row(study_id=sid, image_path=str((pdir / "t2.nrrd").resolve()), level=lv,
-                                disc_center_lps=tuple(case.landmarks["discs"][lv]["center_LPS_mm"]), condition=c,
-                                landmark_lps=lm, spacing=tuple(spacing), source="phantom"))
-        for lv in LEVELS:
-            lm = lms[lv][1] if lv in lms else _could_be_landmark(healthy.landmarks, lv)
-            rows.append(Row(study_id=sid, image_path=str((hdir / "t2.nrrd").resolve()), level=lv,
-                            disc_center_lps=tuple(healthy.landmarks["discs"][lv]["center_LPS_mm"]),
-                            condition="none", landmark_lps=lm, spacing=tuple(spacing), source="phantom"))
-        if (s + 1) % 10 == 0:
-            log(f"[demo] phantoms: {s + 1}/{n_studies}")
-    return rows
-
-
-def _write_t2(case, d: Path) -> None:
-    import SimpleITK as sitk
-
-    d.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(case.image, str(d / "t2.nrrd"), True)
-    (d / "landmarks.json").write_text(json.dumps(case.landmarks, indent=1, default=float))
+    rows = import_phantoms(out_dir, n_studies, seed, mix, spacing=spacing, healthy_twins=True,
+                           healthy_landmark="posterior_margin", shape=shape, pathologies_per_study=2,
+                           level_weights=LEVEL_WEIGHTS, progress=progress)
+    pathological = {r.study_id for r in rows if r.is_pathological}
+    return [r for r in rows if r.study_id in pathological or Path(r.image_path).parent.name != "twin"]
 
 
 def main_demo(args) -> int:
