@@ -23,9 +23,10 @@ def test_configs_versioned_and_roundtrip():
         cfg = load_config(name)
         assert cfg.version == 1 and cfg.name == name
         assert config_from_dict(config_to_dict(cfg)) == cfg
-        assert cfg.latent_factors == (4, 4, 1)
+    assert load_config("paper").latent_factors == (4, 4, 1)
+    assert load_config("small").latent_factors == (4, 2, 1)
     assert load_config("small").fsu_shape == (64, 32, 16)
-    assert load_config("small").latent_shape == (3, 16, 8, 16)
+    assert load_config("small").latent_shape == (3, 16, 16, 16)
     assert load_config("paper").fsu_shape == (128, 64, 32)
     assert load_config("paper").latent_shape == (3, 32, 16, 32)
     assert load_config("paper").fsu_spacing_mm == (0.625, 1.25, 1.5625)
@@ -38,7 +39,7 @@ def test_small_architecture_frozen():
     ae, un = build_models(cfg)
     assert (cfg.autoencoder.channels, cfg.unet.channels, cfg.unet.attention_levels) == (
         (32, 64), (32, 64, 64), (False, False, True))
-    assert count_params(ae) == 764356
+    assert count_params(ae) == 715972
     assert count_params(un) == 3240419
 
 
@@ -62,6 +63,24 @@ def test_config_errors(tmp_path):
     with pytest.raises(ModelError, match="not valid YAML"):
         load_config(p)
     assert load_config("small", **{"unet.w_channel": True}).unet.w_channel is True
+    # a stride-1 axis with a 4-kernel would silently lose a voxel per level (AP 32 -> 15): refused
+    with pytest.raises(ModelError, match=r"level 1: kernel \(4, 4, 3\) with stride \(2, 1, 1\)"):
+        load_config("small", **{"autoencoder.kernel_size": [4, 4, 3]})
+    with pytest.raises(ModelError, match="one per level"):
+        load_config("small", **{"autoencoder.kernel_size": [[4, 4, 3]]})
+
+
+def test_per_level_kernels_give_exact_latent_and_image_sizes():
+    cfg = load_config("small")
+    assert cfg.autoencoder.level_kernels() == ((4, 4, 3), (4, 3, 3))
+    assert cfg.latent_factors == (4, 2, 1) and cfg.latent_shape == (3, 16, 16, 16)
+    ae, _ = build_models(cfg)
+    x = torch.randn(1, 1, *cfg.fsu_shape)
+    with torch.no_grad():
+        z = ae.encode(x)
+        assert tuple(z.shape[1:]) == cfg.latent_shape
+        assert tuple(ae.decode(z).shape) == tuple(x.shape)
+    assert load_config("paper").autoencoder.level_kernels() == ((4, 4, 3), (4, 4, 3))
 
 
 def test_autoencoder_shapes_small(small):

@@ -44,9 +44,9 @@ class VQAutoencoder(nn.Module):
         if isinstance(cfg, ModelConfig):
             cfg = cfg.autoencoder
         self.cfg = cfg
-        k = tuple(int(v) for v in cfg.kernel_size)
-        down = [(tuple(int(v) for v in s), k, 1, cfg.padding) for s in cfg.strides]
-        up = [(tuple(int(v) for v in s), k, 1, cfg.padding, 0) for s in reversed(cfg.strides)]
+        ks = cfg.level_kernels()
+        down = [(tuple(int(v) for v in s), k, 1, cfg.padding) for s, k in zip(cfg.strides, ks)]
+        up = [(tuple(int(v) for v in s), k, 1, cfg.padding, 0) for s, k in zip(reversed(cfg.strides), reversed(ks))]
         self.factors = tuple(int(torch.tensor([s[a] for s in cfg.strides]).prod()) for a in range(3))
         self.encoder = Encoder(
             spatial_dims=3, in_channels=cfg.in_channels, out_channels=cfg.latent_channels,

@@ -4,14 +4,17 @@ One YAML file describes one model family: FSU geometry, VQGAN autoencoder, patch
 conditional U-Net, noise schedule and default sampling. Code never hard-codes sizes: everything
 comes from here. Bundled configs live in ``models/configs/{small,paper}.yaml``:
 
-- ``small``: FSU 1x64x32x16 -> latent 3x16x8x16. Fast on CPU; used by tests and the bundled demo
-  weights. **Its architecture is frozen** (demo weights depend on it): add a new config instead.
+- ``small``: FSU 1x64x32x16 -> latent 3x16x16x16 (x4 SI, x2 AP: 5 mm latent voxels in the sagittal plane).
+  Fast on CPU; used by tests and the bundled demo weights. **Its architecture is frozen** (demo weights depend
+  on it): add a new config instead.
 - ``paper``: FSU 1x128x64x32 -> latent 3x32x16x32 (Hansen et al.), channel widths chosen so one U-Net
   step at batch 2 costs a few tenths of a second on CPU (attention only at the lowest level).
 
 Shapes are in numpy/torch order ``(SI, AP, LR)`` (see DEVELOPERS.md, FSU frame). The autoencoder
-downsamples by ``latent_factors`` = (4, 4, 1): each encoder level uses stride (2, 2, 1), kernel
-(4, 4, 3), padding 1 (MONAI's VQVAE only takes isotropic strides, so we build it from its blocks).
+downsamples by ``latent_factors`` = the product of its per-level strides ((4, 4, 1) for ``paper``: stride
+(2, 2, 1), kernel (4, 4, 3), padding 1 per level; (4, 2, 1) for ``small``); kernels may be given per level and
+must equal 2 * padding + stride on every axis (MONAI's VQVAE only takes isotropic strides, so we build it from
+its blocks).
 
 ``load_config("small" | "paper" | path, **overrides)``; overrides are dotted keys, e.g.
 ``load_config("small", **{"unet.w_channel": True})``. ``config_to_dict`` / ``config_from_dict`` round-trip
@@ -41,7 +44,9 @@ class AutoencoderConfig:
     num_res_layers: int = 1
     num_res_channels: tuple[int, ...] = (32, 64)
     strides: tuple[tuple[int, int, int], ...] = ((2, 2, 1), (2, 2, 1))   # per level, (SI, AP, LR)
-    kernel_size: tuple[int, int, int] = (4, 4, 3)   # down/up-sampling convs
+    # down/up-sampling convs: one (SI, AP, LR) triple for every level, or one triple per level. Each level
+    # and axis needs kernel == 2 * padding + stride (exact /stride and xstride sizes).
+    kernel_size: tuple = (4, 4, 3)
     padding: int = 1
     num_embeddings: int = 256                       # codebook size
     commitment_cost: float = 0.25
@@ -52,6 +57,13 @@ class AutoencoderConfig:
     # The value here initialises a buffer of the module; training overwrites it (it is stored in the state
     # dict, so trained weights carry their own scale).
     latent_scale: float = 1.0
+
+    def level_kernels(self) -> tuple[tuple[int, int, int], ...]:
+        """The (SI, AP, LR) kernel of every level (``kernel_size`` expanded when it is a single triple)."""
+        k = self.kernel_size
+        if len(k) and all(isinstance(v, (int, float)) for v in k):
+            return tuple(tuple(int(v) for v in k) for _ in self.strides)  # type: ignore[misc]
+        return tuple(tuple(int(v) for v in kl) for kl in k)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,19 @@ def validate_config(cfg: ModelConfig) -> None:
     if len(ae.channels) != len(ae.strides) or len(ae.channels) != len(ae.num_res_channels):
         raise ModelError(f"autoencoder channels {ae.channels}, num_res_channels {ae.num_res_channels} and strides "
                          f"{ae.strides} need the same length")
+    try:
+        kernels = ae.level_kernels()
+    except TypeError:
+        raise ModelError(f"autoencoder kernel_size {ae.kernel_size} must be one (SI, AP, LR) triple or one per "
+                         f"level") from None
+    if len(kernels) != len(ae.strides) or any(len(k) != 3 for k in kernels):
+        raise ModelError(f"autoencoder kernel_size {ae.kernel_size} must be one (SI, AP, LR) triple or one per "
+                         f"level ({len(ae.strides)} levels)")
+    for lvl, (k, s) in enumerate(zip(kernels, ae.strides)):
+        bad = [a for a in range(3) if int(k[a]) != 2 * int(ae.padding) + int(s[a])]
+        if bad:
+            raise ModelError(f"autoencoder level {lvl}: kernel {tuple(k)} with stride {tuple(s)} and padding "
+                             f"{ae.padding} does not give exact sizes (need kernel = 2*padding + stride per axis)")
     for n, f in zip(cfg.fsu_shape, cfg.latent_factors):
         if n % f:
             raise ModelError(f"fsu_shape {cfg.fsu_shape} is not divisible by the autoencoder factors "
