@@ -53,7 +53,7 @@ def ae_run(manifest, tmp_path_factory) -> Path:
     from model_training.train_autoencoder import train_autoencoder
 
     out = tmp_path_factory.mktemp("ae")
-    train_autoencoder(_tiny(steps=12, checkpoint_every=6, lr=2e-3, disc_start=8), out, manifest=manifest,
+    train_autoencoder(_tiny(steps=12, checkpoint_every=6, lr=2e-3, disc_start=8, roi_l1_weight=1.0), out, manifest=manifest,
                       device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
     return out
 
@@ -136,7 +136,23 @@ def test_autoencoder_training_decreases_reconstruction_error(ae_run):
     assert ck["step"] == 12 and "optimizer_d" in ck and ck["kind"] == "autoencoder"
     lines = [json.loads(x) for x in (ae_run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/adversarial" in r for r in lines) and any("train/codebook_perplexity" in r for r in lines)
+    assert all(r["train/roi_l1"] > 0 for r in lines if "train/l1" in r)  # the landmark ROI term is on
     assert not any("train/adversarial" in r for r in lines if r["step"] <= 8)  # adversarial warm-up
+
+
+def test_roi_l1_counts_only_the_weighted_region():
+    from model_training.train_autoencoder import roi_l1
+
+    x = torch.zeros(2, 1, 4, 4, 2)
+    rec = x.clone()
+    rec[0, 0, 0, 0, 0] = 3.0          # error where W = 0: ignored
+    w = torch.zeros_like(x)
+    w[1, 0, 1, 1, :] = 1.0
+    w[1, 0, 2, 2, :] = 0.5
+    assert float(roi_l1(x, rec, w)) == 0.0
+    rec[1, 0, 2, 2, 0] = 2.0          # error 2 at weight 0.5: sum(W e) / sum(W) = 1 / 3
+    assert float(roi_l1(x, rec, w)) == pytest.approx(1.0 / 3.0)
+    assert float(roi_l1(x, rec, torch.zeros_like(x))) == 0.0
 
 
 @pytest.mark.parametrize("method", ["weighted", "masked", "full"])

@@ -546,12 +546,21 @@ def default_cache_dir(manifest) -> Path:
 
 
 def build_dataset(manifest, model_cfg, split="train", conditions=None, require_landmark=False, augment=False,
-                  cache_dir=None, sigma_mm: float = 16.0, seed: int = 0):
-    """FSUDataset over the selected manifest rows (raises InputError when the selection is empty)."""
+                  cache_dir=None, sigma_mm: float = 16.0, seed: int = 0, pathology_repeat: int = 1):
+    """FSUDataset over the selected manifest rows (raises InputError when the selection is empty).
+
+    ``pathology_repeat`` > 1 lists every pathological row that many times (an epoch then sees it that often;
+    each copy gets its own augmentation draw), e.g. so the autoencoder meets herniations often enough to encode
+    them."""
     from model_training.dataset import Augment, FSUDataset
     from model_training.manifest import read_manifest
 
     rows = select_rows(read_manifest(manifest), split, conditions, require_landmark)
+    k = int(pathology_repeat or 1)
+    if k < 1:
+        raise InputError(f"pathology_repeat must be >= 1, got {pathology_repeat!r}")
+    if k > 1:
+        rows = rows + [r for r in rows if r.condition != "none"] * (k - 1)
     if not rows:
         what = f"split {split!r}" + (f", conditions {sorted(conditions)}" if conditions else "") + \
             (", with a landmark" if require_landmark else "")

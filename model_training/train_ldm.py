@@ -7,7 +7,8 @@
 - The autoencoder is frozen; latents are ``autoencoder.encode(x)`` (pre-quantization, times ``latent_scale``),
   cached once per FSU (``cache_latents: true``; no augmentation then) or encoded on the fly.
 - ``weighted`` / ``masked`` train ONLY on FSUs with a pathology condition and a landmark (``--conditions`` picks
-  a subset); ``full`` on every FSU of the split. The U-Net is conditioned on (level, condition).
+  a subset); ``full`` on every FSU of the split (``pathology_repeat: k`` lists its pathological FSUs k times, so
+  the rare conditions are not drowned by healthy FSUs). The U-Net is conditioned on (level, condition).
 - W on the latent grid is the Gaussian (``sigma_mm``) around the landmark, computed in mm from the latent voxel
   centres (same geometry as ``spine_ldm.geometry.latent_frame``).
 - The loss is ``spine_ldm.diffusion.diffusion_loss(method=...)``: the same noising code as the samplers use.
@@ -142,7 +143,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
         dataset = C.build_dataset(manifest, model_cfg, split="train", conditions=conds,
                                   require_landmark=method in ("weighted", "masked"),
                                   augment=bool(cfg.get("augment", False)) and not cfg.get("cache_latents", True),
-                                  cache_dir=cache_dir, sigma_mm=sigma, seed=seed)
+                                  cache_dir=cache_dir, sigma_mm=sigma, seed=seed,
+                                  pathology_repeat=int(cfg.get("pathology_repeat", 1) or 1) if method == "full" else 1)
     if len(dataset) == 0:
         raise InputError(f"train-ldm --method {method}: the training set is empty")
 
