@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ae-steps", type=int, help="override ae_small steps")
     p.add_argument("--ldm-steps", type=int, help="override ldm_small steps (all methods)")
     p.add_argument("--methods", default="weighted,masked,full")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train the LDMs in N parallel processes of 1 thread each (2 on a 2-core CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--check", action="store_true", help="render the demo check PNG at the end")
     p.add_argument("--only-check", action="store_true", help="only render the check PNG from the registry")
@@ -113,16 +115,35 @@ def main_demo(args) -> int:
         train_autoencoder(ae_cfg, ae_run, manifest=manifest, resume=True, device=args.device,
                           cache_dir=work / "fsu_cache", quiet=args.quiet)
         timings["autoencoder_s"] = round(time.time() - t, 1)
+    todo = []
     for m in methods:
         run = work / "runs" / m
         ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
-        if (run / "unet.pt").is_file() and C.read_run_info(run).get("status") == "complete" and \
-                int(C.read_run_info(run).get("steps_done", 0)) >= int(ldm_cfg["steps"]):
+        info = C.read_run_info(run) if (run / "run.json").is_file() else {}
+        if (run / "unet.pt").is_file() and info.get("status") == "complete" and \
+                int(info.get("steps_done", 0)) >= int(ldm_cfg["steps"]):
             continue
-        t = time.time()
-        train_ldm(ldm_cfg, m, ae_run, run, manifest=manifest, resume=True, device=args.device,
-                  cache_dir=work / "fsu_cache", quiet=args.quiet)
-        timings[f"{m}_s"] = round(time.time() - t, 1)
+        todo.append((m, ldm_cfg, run))
+    jobs = max(1, min(int(getattr(args, "jobs", 1) or 1), len(todo)))
+    t = time.time()
+    if jobs == 1:
+        for m, ldm_cfg, run in todo:
+            tm = time.time()
+            train_ldm(ldm_cfg, m, ae_run, run, manifest=manifest, resume=True, device=args.device,
+                      cache_dir=work / "fsu_cache", quiet=args.quiet)
+            timings[f"{m}_s"] = round(time.time() - tm, 1)
+    elif todo:
+        # one process per method (1 torch thread each): on a small CPU this beats one process with N threads
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        log(f"[demo] training {', '.join(m for m, _, _ in todo)} in {jobs} parallel processes")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_train_ldm_job, {**cfg, "threads": 1}, m, str(ae_run), str(run), str(manifest),
+                                args.device, str(work / "fsu_cache"), args.quiet): m for m, cfg, run in todo}
+            for f in cf.as_completed(futs):
+                timings[f"{futs[f]}_s"] = f.result()
+        timings["ldm_wall_s"] = round(time.time() - t, 1)
 
     from .export import export_run
 
@@ -142,6 +163,16 @@ def main_demo(args) -> int:
     if args.check:
         render_check(work, registry, log)
     return 0
+
+
+def _train_ldm_job(cfg, method, ae_run, run, manifest, device, cache_dir, quiet) -> float:
+    """One LDM training in a worker process (``--jobs``); returns its seconds."""
+    from .train_ldm import train_ldm
+
+    t = time.time()
+    train_ldm(cfg, method, ae_run, run, manifest=manifest, resume=True, device=device, cache_dir=cache_dir,
+              quiet=quiet)
+    return round(time.time() - t, 1)
 
 
 def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None, n_cases: int = 3,
