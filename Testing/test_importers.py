@@ -478,6 +478,21 @@ def test_support_table_counts():
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+def test_data_cli_import_phantom_two_pathologies_per_study(tmp_path, capsys):
+    from model_training.data import main
+
+    out = tmp_path / "ph.csv"
+    assert main(["import-phantom", "--out-dir", str(tmp_path / "ph"), "--n-studies", "1", "--mix",
+                 "dh_small=0.5,ccs_severe=0.5", "--pathologies-per-study", "2", "--level-weights",
+                 "L2-L3=1,L4-L5=1", "--spacing", "2,2,4.3", "--out", str(out), "--no-split"]) == 0
+    capsys.readouterr()
+    rows = read_manifest(out)
+    sick = {r.level: r.condition for r in rows if r.condition != "none"}
+    assert sick == {"L2-L3": sick["L2-L3"], "L4-L5": sick["L4-L5"]}
+    assert set(sick.values()) == {"dh_small", "ccs_severe"}
+    assert all(r.canal_lps is not None for r in rows) and len(rows) == 5
+
+
 def test_data_cli_import_support_and_errors(tmp_path, capsys):
     from model_training.data import main
 

@@ -6,6 +6,7 @@ Commands::
     import-rsna     ROOT --cache-dir VOLS --out M.csv [--disc-offset-mm 28]
     import-manifest HAND.csv --out M.csv          validate a hand-written manifest, fill spacing/source
     import-phantom  --out-dir DIR --n-studies N --out M.csv [--mix dh_small=0.2,ccs_severe=0.2] [--spacing ...]
+                    [--healthy-twins] [--pathologies-per-study 2] [--level-weights L4-L5=0.3,...]
     support         M.csv [--split train] [--require-landmark]
     precache        M.csv --cache-dir C [--spec small|paper]   fill the FSU crop cache once
 
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of studies per pathology, e.g. dh_small=0.2,ccs_severe=0.2 (rest healthy)")
     ph.add_argument("--spacing", type=_fractions, default=None, help="voxel spacing i,j,k mm")
     ph.add_argument("--healthy-twins", action="store_true", help="also write each study's healthy twin")
+    ph.add_argument("--pathologies-per-study", type=int, default=1,
+                    help="distinct pathologies (from the mix) at distinct levels per pathological study (default 1)")
+    ph.add_argument("--level-weights", type=_mix, default=None,
+                    help="relative level frequencies of the pathologies, e.g. L4-L5=0.3,L5-S1=0.25,... "
+                         "(default uniform)")
     _add_output(ph)
 
     su = sub.add_parser("support", help="FSU counts per level x condition")
@@ -181,7 +187,10 @@ def run(args) -> int:
             kw["mix"] = args.mix
         if args.spacing is not None:
             kw["spacing"] = args.spacing
-        rows = import_phantoms(args.out_dir, args.n_studies, args.phantom_seed, healthy_twins=args.healthy_twins, **kw)
+        if args.level_weights is not None:
+            kw["level_weights"] = args.level_weights
+        rows = import_phantoms(args.out_dir, args.n_studies, args.phantom_seed, healthy_twins=args.healthy_twins,
+                               pathologies_per_study=args.pathologies_per_study, **kw)
         return _finish(args, rows)
     if cmd == "support":
         rows = read_manifest(args.manifest)
