@@ -11,8 +11,9 @@ Stages (all seeded; each stage resumes from its checkpoint when re-run with the 
 4. export: ``<out>/demo-small-autoencoder.pt`` (shared), ``<out>/demo-small-{weighted,masked,full}-unet.pt`` and
    the entries ``demo-small-weighted``, ``demo-small-masked``, ``demo-small-full`` in ``<out>/../Models.json``
    (other entries of that registry are kept);
-5. check (``--check``): inpaint a herniation into a healthy phantom with the three methods and render the sagittal
-   slice through the landmark (input | weighted | masked | RePaint) to ``<work>/demo_check.png``.
+5. check (``--check``): inpaint moderate/large herniations and a severe stenosis into the healthy twins of held-out
+   phantoms with the three methods and render the sagittal slice through the landmark (healthy twin | real
+   pathological twin | weighted | masked | RePaint) to ``<work>/demo_check.png`` (numbers: ``demo_check.json``).
 """
 from __future__ import annotations
 
@@ -175,9 +176,10 @@ def _train_ldm_job(cfg, method, ae_run, run, manifest, device, cache_dir, quiet)
     return round(time.time() - t, 1)
 
 
-def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None, n_cases: int = 3,
+def render_check(work: Path, registry: Path, log=print, out_png: Path | None = None, n_cases: int = 4,
                  steps: int = 50) -> Path:
-    """For held-out phantom studies with a herniation (val/test split): inpaint the same condition into the
+    """For held-out phantom studies (val/test split) with a moderate/large herniation (two thirds of ``n_cases``)
+    or a severe stenosis (one third): inpaint the same condition into the
     healthy twin at the pathological twin's landmark with weighted / masked / RePaint. PNG rows = cases, columns =
     healthy input | real pathological twin | weighted | masked | RePaint (sagittal slice through the landmark,
     superior up, anterior left); also ``demo_check.json`` with the landmark intensity change of each output (the
@@ -193,18 +195,19 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
     from spine_ldm.io import read_volume
 
     rows = read_manifest(work / "phantoms.csv")
-    held = [r for r in rows if r.split in ("test", "val") and r.condition.startswith("dh")]
-    held.sort(key=lambda r: (r.condition != "dh_moderate_large", r.level != "L4-L5", r.study_id))
-    cases = []
+    held = [r for r in rows if r.split in ("test", "val") and r.condition in ("dh_moderate_large", "ccs_severe")]
+    held.sort(key=lambda r: (r.level != "L4-L5", r.study_id))
+    cases = {"dh_moderate_large": [], "ccs_severe": []}
+    n_ccs = n_cases // 3  # about a third stenosis, the rest herniation
+    quota = {"dh_moderate_large": n_cases - n_ccs, "ccs_severe": n_ccs}
     for r in held:
         twin = [h for h in rows if h.study_id == r.study_id and h.level == r.level and h.condition == "none"
                 and h.image_path != r.image_path]
-        if twin:
-            cases.append((r, twin[0]))
-        if len(cases) >= n_cases:
-            break
+        if twin and len(cases[r.condition]) < quota[r.condition]:
+            cases[r.condition].append((r, twin[0]))
+    cases = cases["dh_moderate_large"] + cases["ccs_severe"]
     if not cases:
-        raise InputError("no held-out herniation phantom with a healthy twin in the demo manifest")
+        raise InputError("no held-out herniation or stenosis phantom with a healthy twin in the demo manifest")
     cols = ["healthy input", "real pathological twin", "weighted", "masked", "RePaint"]
     fig, axes = plt.subplots(len(cases), len(cols), figsize=(3.0 * len(cols), 3.2 * len(cases)), squeeze=False)
     report = []
@@ -233,7 +236,7 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
                          fontsize=8)
             ax.axis("off")
         log(f"[demo] check {r.study_id} {r.level} {r.condition}: {deltas}")
-    fig.suptitle("demo weights check: herniation inpainted into the healthy twin at the real landmark "
+    fig.suptitle("demo weights check: pathology inpainted into the healthy twin at the real landmark "
                  "(60 mm sagittal crop; number = mean change in a 8 mm patch at the landmark, / intensity range)",
                  fontsize=8)
     fig.tight_layout()
