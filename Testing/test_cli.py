@@ -215,13 +215,23 @@ def test_demo_slice_orientation_superior_up_anterior_left():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    from spine_ldm import demo
+
     regp = make_registry(tmp_path / "reg")
+    # --real reads ../shared/data/lumbar_t2/ivd_11_*: stand in a small volume with its discs file
+    real = tmp_path / "shared"
+    real.mkdir()
+    img, lm, disc = make_test_volume()
+    sitk.WriteImage(img, str(real / "ivd_11_t2.nrrd"))
+    (real / "ivd_11_discs.json").write_text(json.dumps({"discs": {"L4-L5": {"center_LPS_mm": list(disc)}}}))
+    monkeypatch.setattr(demo, "shared_lumbar_dir", lambda: real)
     rc, so, se = _main(["demo", "--registry", str(regp), "--out", str(tmp_path / "demo"), "--steps", "1",
-                        "--device", "cpu", "--progress", "none"], capsys)
+                        "--device", "cpu", "--progress", "none", "--real"], capsys)
     assert rc == 0, se
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert len(summary["cases"]) == 6 and Path(summary["png"]).is_file()
+    assert len(summary["cases"]) == 9 and Path(summary["png"]).is_file()
+    assert sum(c["case"] == "real_ivd11_dh_L4-L5" for c in summary["cases"]) == 3
     for c in summary["cases"]:
         for p in c["outputs"]:
             assert Path(p).is_file()

@@ -165,7 +165,8 @@ def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps:
             log(f"  -> {', '.join(str(p) for p in paths)} ({res.seconds:.1f} s, {res.nfe} network evaluations)")
         rows.append(row)
     if real:
-        rows.append(_real_case(out, device, steps, samples, seed, registry, progress, log, summary))
+        rows.append(_real_case(out, device, steps, samples, seed, registry, progress, log, summary,
+                               repaint_resample))
     png = comparison_png(rows, out / "comparison.png")
     summary["png"] = str(png)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -175,7 +176,7 @@ def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps:
     return summary
 
 
-def _real_case(out, device, steps, samples, seed, registry, progress, log, summary) -> dict:
+def _real_case(out, device, steps, samples, seed, registry, progress, log, summary, repaint_resample=3) -> dict:
     from . import io as sio
     from . import pipeline
 
