@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--mix", type=_mix, default=None,
                     help="fraction of studies per pathology, e.g. dh_small=0.2,ccs_severe=0.2 (rest healthy)")
     ph.add_argument("--spacing", type=_fractions, default=None, help="voxel spacing i,j,k mm")
-    ph.add_argument("--healthy-twins", action="store_true", help="also write each study's healthy twin")
+    ph.add_argument("--healthy-twins", action="store_true", help="also write each pathological study's healthy twin")
     ph.add_argument("--pathologies-per-study", type=int, default=1,
                     help="distinct pathologies (from the mix) at distinct levels per pathological study (default 1)")
     ph.add_argument("--level-weights", type=_mix, default=None,

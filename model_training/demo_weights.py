@@ -77,19 +77,16 @@ def generate_phantom_rows(out_dir: Path, n_studies: int, seed: int, mix: dict, s
                           log=print, shape=None) -> list:
     """The demo's phantom rows (no splits): :func:`model_training.importers.phantom.import_phantoms` with healthy
     twins, two pathologies per pathological study at :data:`LEVEL_WEIGHTS`-drawn levels, posterior-margin
-    candidate landmarks on healthy levels. The "twin" of a healthy study is the same image again: its rows are
-    left out (one image per healthy study, as in the pathological studies' healthy twins)."""
+    candidate landmarks on healthy levels (healthy studies have one image: their twin would be the same)."""
     from model_training.importers.phantom import import_phantoms
 
     def progress(done, total):
         if done % 10 == 0 or done == total:
             log(f"[demo] phantoms: {done}/{total}")
 
-    rows = import_phantoms(out_dir, n_studies, seed, mix, spacing=spacing, healthy_twins=True,
+    return import_phantoms(out_dir, n_studies, seed, mix, spacing=spacing, healthy_twins=True,
                            healthy_landmark="posterior_margin", shape=shape, pathologies_per_study=2,
                            level_weights=LEVEL_WEIGHTS, progress=progress)
-    pathological = {r.study_id for r in rows if r.is_pathological}
-    return [r for r in rows if r.study_id in pathological or Path(r.image_path).parent.name != "twin"]
 
 
 def main_demo(args) -> int:

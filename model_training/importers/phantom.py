@@ -12,7 +12,8 @@
 * **Studies**: study ``i`` is ``generate_to_dir(<out_dir>/phantom-s{seed}-{i:04d}, seed=<phantom seed>, ...)``
   (``t2.nrrd``, ``labels.nrrd``, ``landmarks.json``), with a phantom seed derived from ``(seed, i)``. A folder
   whose ``landmarks.json`` already records the same phantom seed, spacing and pathology is reused.
-  ``healthy_twins=True`` also writes the same anatomy without pathology (``.../twin``); the twin rows get the
+  ``healthy_twins=True`` also writes, for every pathological study, the same anatomy without pathology
+  (``.../twin``; a healthy study has no twin: it would be the same image again); the twin rows get the
   **same study_id** (so a twin can never leak into another split) and their own image path.
 * **Rows**: one per level per image. ``disc_center_lps`` = the generator's disc centre; ``condition`` = the
   pathology at its level, ``none`` elsewhere; ``landmark_lps`` = the generator's pathology landmark for the
@@ -202,7 +203,7 @@ def import_phantoms(out_dir: str | os.PathLike, n_studies: int, seed: int = 0,
             if level not in points:
                 raise InputError(f"phantom {study}: generator reported no landmark for {cond} at {level}")
         rows += _rows_for(lm, d / "t2.nrrd", study, points, healthy_landmark, LEVELS)
-        if healthy_twins:
+        if healthy_twins and patho:  # a healthy study's twin would be the same image again
             tw = d / "twin"
             lm_t = _generate(tw, pseed, spacing, {}, shape, noise, overwrite)
             rows += _rows_for(lm_t, tw / "t2.nrrd", study, points, healthy_landmark, LEVELS)
