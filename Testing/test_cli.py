@@ -244,10 +244,13 @@ def test_interrupt_exits_130_and_writes_nothing(setup, tmp_path, sig):
     d, regp, inp, lm, disc = setup
     out = tmp_path / "never.nrrd"
     env = dict(os.environ, OMP_NUM_THREADS="2")
+    # start the child with SIGINT ignored, as a background job of a non-interactive shell gets it: the CLI must
+    # still cancel on SIGINT
     p = subprocess.Popen([sys.executable, "-m", "spine_ldm", "inpaint", str(inp), "--landmark", _vec(lm),
                           "--level", "L4-L5", "--condition", "dh_small", "--steps", "200", "--device", "cpu",
                           "--registry", str(regp), "--out", str(out), "--progress", "json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         for line in p.stdout:
             if json.loads(line)["event"] == "progress":

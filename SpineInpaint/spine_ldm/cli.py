@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _install_sigterm() -> None:
-    """SIGTERM (e.g. a GUI's cancel) ends the run like Ctrl-C: no partial outputs, exit 130."""
+    """SIGTERM (e.g. a GUI's cancel) ends the run like Ctrl-C: no partial outputs, exit 130. SIGINT is set to
+    Python's KeyboardInterrupt handler explicitly: a process started in the background by a non-interactive shell
+    (or by some launchers) inherits SIGINT as *ignored*, and Python then keeps ignoring it."""
     import signal
     import threading
 
@@ -396,6 +398,7 @@ def _install_sigterm() -> None:
 
     try:
         signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except (ValueError, OSError):  # pragma: no cover
         pass
 
