@@ -10,12 +10,10 @@ disc margin, and RePaint (its change at the landmark is small).
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from spine_ldm import pipeline, registry
-from spine_ldm.demo import METHODS, _phantom_case, sagittal_slice
+from spine_ldm.demo import METHODS, _phantom_case, landmark_patch_change
 
 DEMO_IDS = ("demo-small-weighted", "demo-small-masked", "demo-small-full")
 
@@ -37,15 +35,6 @@ def test_bundled_registry_has_the_demo_models_and_they_verify():
 @pytest.fixture(scope="module")
 def phantom():
     return _phantom_case(seed=0)
-
-
-def landmark_patch_change(out: sitk.Image, inp: sitk.Image, lm) -> float:
-    """Mean change in a 8 x 8 mm patch at the landmark (sagittal slice, 0.4 mm pixels) / input intensity range."""
-    a, b = (sagittal_slice(im, lm, 60.0, 60.0, 0.4) for im in (out, inp))
-    lo, hi = np.percentile(b, [1, 99.5])
-    c, r = np.array(b.shape) // 2, 10
-    return float((a[c[0] - r:c[0] + r, c[1] - r:c[1] + r].mean() - b[c[0] - r:c[0] + r, c[1] - r:c[1] + r].mean())
-                 / (hi - lo))
 
 
 @pytest.mark.parametrize("method,level,condition,kind,limit", [

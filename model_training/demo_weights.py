@@ -104,7 +104,6 @@ def main_demo(args) -> int:
     timings = {}
 
     from .train_autoencoder import train_autoencoder
-    from .train_ldm import train_ldm
 
     ae_run = work / "runs" / "autoencoder"
     ae_cfg = C.load_train_config("ae_small", {"steps": args.ae_steps})
@@ -113,32 +112,30 @@ def main_demo(args) -> int:
         train_autoencoder(ae_cfg, ae_run, manifest=manifest, resume=True, device=args.device,
                           cache_dir=work / "fsu_cache", quiet=args.quiet)
         timings["autoencoder_s"] = round(time.time() - t, 1)
+    ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
     todo = []
     for m in methods:
         run = work / "runs" / m
-        ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
         info = C.read_run_info(run) if (run / "run.json").is_file() else {}
         if (run / "unet.pt").is_file() and info.get("status") == "complete" and \
                 int(info.get("steps_done", 0)) >= int(ldm_cfg["steps"]):
             continue
-        todo.append((m, ldm_cfg, run))
+        todo.append((m, run))
     jobs = max(1, min(int(getattr(args, "jobs", 1) or 1), len(todo)))
+    job_args = (str(ae_run), str(manifest), args.device, str(work / "fsu_cache"), args.quiet)
     t = time.time()
     if jobs == 1:
-        for m, ldm_cfg, run in todo:
-            tm = time.time()
-            train_ldm(ldm_cfg, m, ae_run, run, manifest=manifest, resume=True, device=args.device,
-                      cache_dir=work / "fsu_cache", quiet=args.quiet)
-            timings[f"{m}_s"] = round(time.time() - tm, 1)
+        for m, run in todo:
+            timings[f"{m}_s"] = _train_ldm_job(ldm_cfg, m, str(run), *job_args)
     elif todo:
         # one process per method (1 torch thread each): on a small CPU this beats one process with N threads
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        log(f"[demo] training {', '.join(m for m, _, _ in todo)} in {jobs} parallel processes")
+        log(f"[demo] training {', '.join(m for m, _ in todo)} in {jobs} parallel processes")
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_train_ldm_job, {**cfg, "threads": 1}, m, str(ae_run), str(run), str(manifest),
-                                args.device, str(work / "fsu_cache"), args.quiet): m for m, cfg, run in todo}
+            futs = {pool.submit(_train_ldm_job, {**ldm_cfg, "threads": 1}, m, str(run), *job_args): m
+                    for m, run in todo}
             for f in cf.as_completed(futs):
                 timings[f"{futs[f]}_s"] = f.result()
         timings["ldm_wall_s"] = round(time.time() - t, 1)
@@ -163,8 +160,8 @@ def main_demo(args) -> int:
     return 0
 
 
-def _train_ldm_job(cfg, method, ae_run, run, manifest, device, cache_dir, quiet) -> float:
-    """One LDM training in a worker process (``--jobs``); returns its seconds."""
+def _train_ldm_job(cfg, method, run, ae_run, manifest, device, cache_dir, quiet) -> float:
+    """One LDM training (in this process, or a worker process with ``--jobs``); returns its seconds."""
     from .train_ldm import train_ldm
 
     t = time.time()
@@ -188,7 +185,7 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
 
     from model_training.manifest import read_manifest
     from spine_ldm import pipeline
-    from spine_ldm.demo import sagittal_slice
+    from spine_ldm.demo import landmark_patch_change, sagittal_slice
     from spine_ldm.io import read_volume
 
     rows = read_manifest(work / "phantoms.csv")
@@ -219,10 +216,7 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
         ims = [img_h, img_p, outs["weighted"], outs["masked"], outs["repaint"]]
         sl = [sagittal_slice(im, lm, 60.0, 60.0, 0.4) for im in ims]
         lo, hi = np.percentile(sl[0], [1, 99.5])
-        c = np.array(sl[0].shape) // 2
-        rad = 10  # 4 mm at 0.4 mm pixels
-        patch = lambda a: float(a[c[0] - rad:c[0] + rad, c[1] - rad:c[1] + rad].mean())
-        deltas = {name: round((patch(a) - patch(sl[0])) / (hi - lo), 3) for name, a in zip(cols, sl)}
+        deltas = {name: round(landmark_patch_change(im, img_h, lm), 3) for name, im in zip(cols, ims)}
         report.append({"study": r.study_id, "level": r.level, "condition": r.condition, "landmark_lps": lm,
                        "landmark_patch_change_vs_healthy": deltas})
         for k, (name, a) in enumerate(zip(cols, sl)):

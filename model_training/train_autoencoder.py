@@ -68,7 +68,7 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
             from spine_ldm.errors import InputError
             raise InputError("train-autoencoder needs --manifest (or a dataset)")
         dataset = C.build_dataset(manifest, model_cfg, split="train", augment=bool(cfg.get("augment", True)),
-                                  cache_dir=cache_dir, pathology_repeat=int(cfg.get("pathology_repeat", 1) or 1))
+                                  cache_dir=cache_dir, pathology_repeat=cfg.get("pathology_repeat", 1))
 
     ae, disc, loss_fn = _build(model_cfg, dev)
     ema = C.EMA(ae, float(cfg.get("ema_decay", 0.999)))

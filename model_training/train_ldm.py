@@ -144,7 +144,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
                                   require_landmark=method in ("weighted", "masked"),
                                   augment=bool(cfg.get("augment", False)) and not cfg.get("cache_latents", True),
                                   cache_dir=cache_dir, sigma_mm=sigma, seed=seed,
-                                  pathology_repeat=int(cfg.get("pathology_repeat", 1) or 1) if method == "full" else 1)
+                                  pathology_repeat=cfg.get("pathology_repeat", 1) if method == "full" else 1)
     if len(dataset) == 0:
         raise InputError(f"train-ldm --method {method}: the training set is empty")
 

@@ -96,6 +96,18 @@ def sagittal_slice(image: sitk.Image, center_lps, width_mm: float = 90.0, height
     return sitk.GetArrayFromImage(out)[0]
 
 
+def landmark_patch_change(output: sitk.Image, reference: sitk.Image, landmark_lps, patch_mm: float = 8.0,
+                          pixel_mm: float = 0.4) -> float:
+    """Mean intensity change (output - reference) in a ``patch_mm`` square at the landmark of the sagittal slice
+    through it, divided by the reference slice's intensity range (1st..99.5th percentile). On T2 a herniation
+    (dark disc material in bright CSF) or a stenosis (narrowed bright thecal sac) makes it clearly negative."""
+    a, b = (sagittal_slice(im, landmark_lps, 60.0, 60.0, pixel_mm) for im in (output, reference))
+    lo, hi = np.percentile(b, [1, 99.5])
+    c, r = np.array(b.shape) // 2, int(round(patch_mm / pixel_mm / 2))
+    win = (slice(c[0] - r, c[0] + r), slice(c[1] - r, c[1] + r))
+    return float((a[win].mean() - b[win].mean()) / max(hi - lo, 1e-6))
+
+
 def comparison_png(rows: list[dict], path: Path, title: str = "") -> Path:
     """rows: {"label", "landmark", "images": {column: sitk.Image}} -> PNG grid."""
     import matplotlib
