@@ -299,6 +299,30 @@ def test_weighted_loss_excludes_unnoised_voxels(sched, x0):
     assert 1 <= int(inf["t"].min()) and int(inf["t"].max()) <= 1000
 
 
+def test_roi_loss_weight_weights_voxels_by_W(sched, x0):
+    """roi_loss_weight r: each included voxel counts 1 + r W_v (weighted and masked); 0 is the plain mean."""
+    W = smooth_weight(sigma=1.0)
+    t = torch.tensor([40, 1000])
+    for method in ("weighted", "masked"):
+        l0, info = diffusion_loss(lambda x, tg, tv: x * 0.5, x0, W, method, sched, torch.Generator(), t=t,
+                                  return_info=True)
+        l3 = diffusion_loss(lambda x, tg, tv: x * 0.5, x0, W, method, sched, torch.Generator(), t=t,
+                            roi_loss_weight=3.0)
+        inc = (info["t_voxel"] > 0).float().expand_as(x0)
+        err = (info["x_t"] * 0.5 - info["eps"]) ** 2
+        w = inc * (1 + 3.0 * W.expand(2, 1, *W.shape[-3:]).expand_as(x0))
+        assert torch.allclose(l0, (err * inc).sum() / inc.sum())
+        assert torch.allclose(l3, (err * w).sum() / w.sum())
+        assert not torch.allclose(l0, l3)
+    # full ignores it (no W); a negative weight is an error
+    lf = diffusion_loss(lambda x, tg, tv: x, x0, None, "full", sched, torch.Generator().manual_seed(0),
+                        roi_loss_weight=3.0)
+    lf0 = diffusion_loss(lambda x, tg, tv: x, x0, None, "full", sched, torch.Generator().manual_seed(0))
+    assert torch.equal(lf, lf0)
+    with pytest.raises(InputError, match="roi_loss_weight"):
+        diffusion_loss(toy_model, x0, W, "weighted", sched, roi_loss_weight=-1)
+
+
 def test_loss_errors(sched, x0):
     with pytest.raises(InputError, match="method"):
         diffusion_loss(toy_model, x0, None, "repaint", sched)

@@ -90,6 +90,23 @@ def test_atomic_checkpoint_and_ema(tmp_path):
         C.load_checkpoint(tmp_path / "bad")
 
 
+def test_amp_setup_cpu_bf16_only_when_asked():
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    ctx, scaler, mode = C.amp_setup(cpu, "bf16")
+    with ctx():
+        assert (a @ b).dtype == torch.bfloat16
+    assert mode == "bf16" and scaler is None
+    for amp in ("auto", "fp16", "off", None, True):
+        ctx, scaler, mode = C.amp_setup(cpu, amp)
+        with ctx():
+            assert (a @ b).dtype == torch.float32
+        assert mode == "off" and scaler is None
+    with pytest.raises(InputError, match="amp must be"):
+        C.amp_setup(cpu, "fp8")
+    assert isinstance(C.cpu_has_native_bf16(), bool)
+
+
 def test_resumable_batch_sampler_is_a_function_of_step_and_shards_ranks():
     s = C.ResumableBatchSampler(10, 3, seed=1)
     full = [b for _, b in zip(range(9), iter(s))]

@@ -373,13 +373,27 @@ def cpu_threads(n: int | None):
 
 
 # --------------------------------------------------------------------------- AMP
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so CPU autocast is a speed-up."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 def amp_setup(device: torch.device, amp: str | bool | None):
-    """Returns (autocast_context_factory, GradScaler or None). ``amp``: 'off'|'bf16'|'fp16'|'auto'.
-    'auto' = bf16 on CUDA with bf16 support, fp16 otherwise on CUDA, off on CPU."""
+    """Returns (autocast_context_factory, GradScaler or None, mode). ``amp``: 'off'|'bf16'|'fp16'|'auto'.
+    'auto' = bf16 on CUDA with bf16 support, fp16 otherwise on CUDA, off on CPU. On CPU only an explicit 'bf16'
+    autocasts (``torch.autocast("cpu", bfloat16)``, ~1.5x faster training of the small config on a CPU with
+    native bf16, see :func:`cpu_has_native_bf16`); 'fp16' on CPU is off."""
     mode = "off" if amp in (None, False, "off", "none", "fp32") else str(amp).lower()
     if amp is True:
         mode = "auto"
+    if mode not in ("off", "auto", "bf16", "fp16"):
+        raise InputError(f"amp must be off | auto | bf16 | fp16, got {amp!r}")
     if device.type != "cuda":
+        if mode == "bf16":
+            return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None, "bf16"
         mode = "off"
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from spine_ldm.errors import InputError
 
 from . import common as C
@@ -43,6 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="train the LDMs in N parallel processes of 1 thread each (2 on a 2-core CPU)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="train the LDMs under CPU bfloat16 autocast (~1.5x faster); auto = when the CPU computes "
+                        "bf16 natively (AVX512-BF16 / AMX). The autoencoder always trains in fp32")
     p.add_argument("--check", action="store_true", help="render the demo check PNG at the end")
     p.add_argument("--only-check", action="store_true", help="only render the check PNG from the registry")
     p.add_argument("--quiet", action="store_true")
@@ -113,6 +118,12 @@ def main_demo(args) -> int:
                           cache_dir=work / "fsu_cache", quiet=args.quiet)
         timings["autoencoder_s"] = round(time.time() - t, 1)
     ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
+    bf16 = getattr(args, "cpu_bf16", "off")
+    if str(args.device).startswith("cpu") or (args.device == "auto" and not torch.cuda.is_available()):
+        if bf16 == "on" or (bf16 == "auto" and C.cpu_has_native_bf16()):
+            ldm_cfg["amp"] = "bf16"
+            timings["ldm_amp"] = "bf16"
+            log("[demo] LDMs train under CPU bfloat16 autocast (--cpu-bf16 off for fp32)")
     todo = []
     for m in methods:
         run = work / "runs" / m

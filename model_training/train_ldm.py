@@ -68,7 +68,8 @@ def _landmarks(batch) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- loss
-def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: float, autocast=None, generator=None):
+def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: float, autocast=None, generator=None,
+                 roi_loss_weight: float = 0.0):
     """Diffusion loss of one batch via ``spine_ldm.diffusion.diffusion_loss`` (the sampler's noising code;
     random t and eps from ``generator`` or torch's global RNG). Returns a float32 scalar tensor."""
     from spine_ldm.diffusion import diffusion_loss
@@ -79,7 +80,7 @@ def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: floa
     ctx = autocast() if autocast is not None else _null()
     with ctx:
         out = diffusion_loss(model_fn, z0, None if method == "full" else W, method=method, schedule=schedule,
-                             generator=generator, roi_threshold=roi_threshold)
+                             generator=generator, roi_threshold=roi_threshold, roi_loss_weight=roi_loss_weight)
     return out.float()
 
 
@@ -135,6 +136,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
                   f"{model_cfg.name!r}: using the autoencoder's (the pair must match)", flush=True)
     sigma = float(cfg.get("sigma_mm", 16.0))
     roi_thr = float(cfg.get("roi_threshold", 0.1))
+    roi_lw = float(cfg.get("roi_loss_weight", 0.0) or 0.0)
     conds = C.pathology_conditions(conditions) if method in ("weighted", "masked") else \
         (tuple(conditions) if conditions else None)
     if dataset is None:
@@ -229,7 +231,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
             sync = micro == accum - 1
             ctx = model.no_sync() if (env.distributed and not sync) else _null()
             with ctx:
-                loss = compute_loss(model, schedule, z0, level, cond, W, method, roi_thr, autocast)
+                loss = compute_loss(model, schedule, z0, level, cond, W, method, roi_thr, autocast,
+                                    roi_loss_weight=roi_lw)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             tot += float(loss.detach()) / accum
         _step(opt, scaler, unet.parameters(), clip)

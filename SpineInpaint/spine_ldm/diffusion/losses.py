@@ -14,7 +14,9 @@ told that global t (as in the paper); eps ~ N(0, I).
 - ``full`` (for RePaint / unconditional): the whole latent at t; W is ignored (may be None).
 
 The loss is the mean of (eps_pred - eps)^2 over the included voxels and channels of the batch (0 with a zero
-gradient when no voxel is included).
+gradient when no voxel is included). ``roi_loss_weight`` r > 0 (weighted / masked only; 0 = the paper) weights each
+included voxel by ``1 + r W_v`` (normalised by the sum of the weights): the voxels near the landmark, the only ones
+that carry the pathology, then count more than the lightly noised context.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ METHODS = ("weighted", "masked", "full")
 
 def diffusion_loss(unet_fn, z0: torch.Tensor, W=None, method: str = "weighted",
                    schedule: NoiseSchedule | None = None, generator: torch.Generator | None = None,
-                   roi_threshold: float = 0.1, t: torch.Tensor | None = None, return_info: bool = False):
+                   roi_threshold: float = 0.1, t: torch.Tensor | None = None, return_info: bool = False,
+                   roi_loss_weight: float = 0.0):
     if method not in METHODS:
         raise InputError(f"method {method!r} unknown; use one of {', '.join(METHODS)}")
     if z0.ndim < 3:
@@ -66,7 +69,12 @@ def diffusion_loss(unet_fn, z0: torch.Tensor, W=None, method: str = "weighted",
     pred = unet_fn(x_t, t, tv)
     if pred.shape != z0.shape:
         raise InputError(f"noise predictor returned shape {tuple(pred.shape)}, expected {tuple(z0.shape)}")
-    m = include.to(pred.dtype).expand_as(pred)
+    m = include.to(pred.dtype)
+    if roi_loss_weight and method != "full":
+        if float(roi_loss_weight) < 0:
+            raise InputError(f"roi_loss_weight must be >= 0, got {roi_loss_weight}")
+        m = m * (1.0 + float(roi_loss_weight) * W.to(pred.dtype))
+    m = m.expand_as(pred)
     n = m.sum()
     loss = ((pred - eps) ** 2 * m).sum() / n.clamp_min(1)
     if return_info:

@@ -96,6 +96,7 @@ class UNetConfig:
     context_tokens: int = 2          # tau: one-hot(level) ++ one-hot(condition) -> MLP -> tokens
     context_hidden: int = 128
     w_channel: bool = False          # True: input = concat(x, W) so the net sees the per-voxel noise level
+    class_embedding: bool = False    # True: condition embedding added to the timestep embedding (every res block)
 
 
 @dataclass(frozen=True)

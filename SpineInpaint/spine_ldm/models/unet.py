@@ -8,7 +8,10 @@ condition (5, ``CONDITIONS``) -> MLP (Linear, SiLU, Linear) -> ``context_tokens`
 ``forward(x, t, level_idx, cond_idx, w=None) -> eps`` (same shape as x). ``t`` is the global timestep (B,) long,
 0 = clean (DEVELOPERS.md, diffusion conventions); the U-Net embeds it as given. With ``w_channel: true`` the
 network input is ``concat(x, w)`` (w = per-voxel weight W in [0, 1], shape (B, 1, *spatial)), so the network knows
-each voxel's own noise level t_v = round(W_v t); ``w`` is then required.
+each voxel's own noise level t_v = round(W_v t); ``w`` is then required. With ``class_embedding: true`` the
+condition index also selects a learned embedding that MONAI adds to the timestep embedding, so it reaches every
+residual block (FiLM-like), not only the cross-attention levels: the small config needs that for a herniation to
+come out different from a stenosis.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class ConditionalUNet(nn.Module):
             with_conditioning=True,
             transformer_num_layers=cfg.transformer_num_layers,
             cross_attention_dim=cfg.cross_attention_dim,
+            num_class_embeds=len(CONDITIONS) if cfg.class_embedding else None,
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level_idx: torch.Tensor, cond_idx: torch.Tensor,
@@ -92,7 +96,8 @@ class ConditionalUNet(nn.Module):
             if w.ndim == 4:
                 w = w.unsqueeze(1)
             x = torch.cat([x, w.expand(b, 1, *x.shape[2:])], dim=1)
-        return self.unet(x, timesteps=t, context=context)
+        class_labels = cond_idx.to(x.device).long() if self.cfg.class_embedding else None
+        return self.unet(x, timesteps=t, context=context, class_labels=class_labels)
 
 
 def build_unet(cfg: ModelConfig) -> ConditionalUNet:
