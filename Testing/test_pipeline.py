@@ -5,6 +5,8 @@ unmodified, reproducibility per seed (and per sample), nfe, progress per step, c
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -190,6 +192,16 @@ def test_write_outputs_names_and_header(case, weighted2, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_1.nrrd", "out_2.nrrd"]  # no partial files
     assert pipeline.output_paths("x/a.nii.gz", 2)[1].name == "a_2.nii.gz"
     assert pipeline.output_paths("a.nrrd", 1)[0].name == "a.nrrd"
+    # NIfTI keeps no free header keys: the provenance goes to a JSON sidecar per output
+    nii = pipeline.write_outputs(res, tmp_path / "nii" / "out.nii.gz")
+    assert sorted(p.name for p in (tmp_path / "nii").iterdir()) == ["out_1.json", "out_1.nii.gz", "out_2.json",
+                                                                    "out_2.nii.gz"]
+    side = json.loads((tmp_path / "nii" / "out_2.json").read_text())
+    assert side["image"] == "out_2.nii.gz" and side["spine_ldm_provenance"] == json.loads(json.dumps(
+        res.provenances[1], default=str))
+    assert side["spine_ldm_provenance"]["seed"] == 4 and side["spine_ldm_provenance"]["method"] == "weighted"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(nii[0]))),
+                                  sitk.GetArrayFromImage(res.outputs[0]))
 
 
 # ---------------------------------------------------------------------------------------------- device.py

@@ -432,28 +432,50 @@ def output_paths(out: str | os.PathLike, samples: int) -> list[Path]:
     return [p.with_name(f"{stem}_{k}{suffix}") for k in range(1, samples + 1)]
 
 
+#: formats whose header keeps arbitrary ``spine_ldm_*`` keys; every other format gets a ``<stem>.json`` sidecar
+HEADER_FORMATS = (".nrrd", ".nhdr")
+
+
+def sidecar_path(p: str | os.PathLike) -> Path:
+    """``a.nii.gz`` -> ``a.json`` (the provenance sidecar of a format without free header keys)."""
+    p = Path(p)
+    name = p.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
+    return p.with_name(f"{name[: len(name) - len(suffix)] if suffix else name}.json")
+
+
 def write_outputs(result: InpaintResult, out: str | os.PathLike) -> list[Path]:
-    """Write every output with its provenance in ``spine_ldm_*`` header keys; returns the paths.
+    """Write every output with its provenance in ``spine_ldm_*`` header keys; returns the paths. Formats that
+    cannot keep such keys (NIfTI, MetaImage, ...) get the provenance as a JSON sidecar ``<stem>.json`` instead.
 
     Files are written to a temporary name in the target folder and renamed, so a failure never leaves a
     half-written output behind.
     """
+    import json
+
     from . import io as sio
 
     paths = output_paths(out, len(result.outputs))
-    written: list[Path] = []
+    written: list[tuple[Path, Path]] = []
     try:
         for img, prov, p in zip(result.outputs, result.provenances or [result.provenance], paths):
             p.parent.mkdir(parents=True, exist_ok=True)
             name = p.name
             suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
             tmp = p.with_name(f".{name[: len(name) - len(suffix)]}.partial{os.getpid()}{suffix}")
-            sio.write_volume(img, tmp, metadata=provenance_header(prov))
-            written.append(tmp)
-        for tmp, p in zip(written, paths):
+            header = suffix.lower() in HEADER_FORMATS
+            sio.write_volume(img, tmp, metadata=provenance_header(prov) if header else None)
+            written.append((tmp, p))
+            if not header:
+                side = sidecar_path(p)
+                tmp_side = side.with_name(f".{side.name}.partial{os.getpid()}")
+                tmp_side.write_text(json.dumps({"spine_ldm_provenance": prov, "image": p.name}, indent=2,
+                                               default=str) + "\n", encoding="utf-8")
+                written.append((tmp_side, side))
+        for tmp, p in written:
             os.replace(tmp, p)
     finally:
-        for tmp in written:
+        for tmp, _ in written:
             if tmp.exists():
                 tmp.unlink()
     return paths
