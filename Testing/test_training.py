@@ -184,6 +184,30 @@ def test_ldm_training_decreases_the_loss(ldm_runs, manifest, method):
     assert (ldm_runs[method] / "unet.pt").is_file()
 
 
+def test_encode_dataset_encodes_repeated_rows_once(manifest, ae_run):
+    """pathology_repeat lists pathological rows k times; their latents are encoded once and shared (and equal to
+    encoding the plain dataset)."""
+    from model_training.train_autoencoder import load_autoencoder
+    from model_training.train_ldm import encode_dataset
+
+    ae, cfg, _ = load_autoencoder(ae_run)
+    calls = []
+    real = ae.encode
+    ae.encode = lambda x: calls.append(x.shape[0]) or real(x)
+    plain = C.build_dataset(manifest, cfg, split=None, cache_dir=manifest.parent / "cache")
+    rep = C.build_dataset(manifest, cfg, split=None, cache_dir=manifest.parent / "cache", pathology_repeat=3)
+    n_path = sum(r.condition != "none" for r in plain.rows)
+    assert n_path > 0 and len(rep) == len(plain) + 2 * n_path
+    zp = encode_dataset(ae, plain, "cpu")
+    n_plain = sum(calls)
+    zr = encode_dataset(ae, rep, "cpu")
+    assert n_plain == len(plain) and sum(calls) - n_plain == len(plain)   # no extra encodes for the copies
+    assert len(zr) == len(rep)
+    for i, r in enumerate(rep.rows):
+        j = plain.rows.index(r)
+        assert torch.equal(zr.z[i], zp.z[j]) and int(zr.condition[i]) == int(zp.condition[j])
+
+
 def test_weighted_training_refuses_an_empty_selection(manifest, ae_run, tmp_path):
     from model_training.train_ldm import train_ldm
 

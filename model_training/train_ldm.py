@@ -50,15 +50,27 @@ class LatentDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def encode_dataset(ae, dataset, device, batch_size: int = 8) -> LatentDataset:
+    """Encode every item once with the frozen autoencoder. Rows listed more than once (``pathology_repeat``) of an
+    un-augmented :class:`~model_training.dataset.FSUDataset` are encoded once and their latents shared."""
+    n = len(dataset)
+    rows = getattr(dataset, "rows", None)
+    if rows is not None and len(rows) == n and getattr(dataset, "augment", None) is None:
+        first: dict[int, int] = {}
+        source = [first.setdefault(id(r), i) for i, r in enumerate(rows)]
+    else:
+        source = list(range(n))
+    todo = sorted(set(source))
     zs, lv, cd, lm = [], [], [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+    for start in range(0, len(todo), batch_size):
+        items = [dataset[i] for i in todo[start:start + batch_size]]
         b = C.collate(items)
         zs.append(ae.encode(b["image"].to(device).float()).cpu())
         lv.append(b["level"].long().reshape(-1))
         cd.append(b["condition"].long().reshape(-1))
         lm.append(_landmarks(b).float())
-    return LatentDataset(torch.cat(zs), torch.cat(lv), torch.cat(cd), torch.cat(lm))
+    pos = {j: k for k, j in enumerate(todo)}
+    idx = torch.tensor([pos[j] for j in source], dtype=torch.long)
+    return LatentDataset(*(torch.cat(x)[idx] for x in (zs, lv, cd, lm)))
 
 
 def _landmarks(batch) -> torch.Tensor:
