@@ -4,12 +4,15 @@ They are trained on phantoms (``python -m model_training make-demo-weights``); t
 healthy phantom the weights never saw (seed 0 is not a training study): every registered file verifies, and the
 weighted / masked models paint the pathology at the landmark: the mean intensity in a 8 x 8 mm patch at the landmark
 of the sagittal slice drops (a herniation puts dark disc material into the bright CSF; a stenosis narrows the bright
-thecal sac). Geometry and the bit-identical far field are tested in test_pipeline.py. Not pinned because the
-weights do not do it on this phantom (see model_training/README.md, section 5): masked herniation at the L4-L5
-disc margin, and RePaint (its change at the landmark is small).
+thecal sac). The weighted model also grades the condition at one landmark: a small herniation darkens least, a
+severe stenosis most, and the stenosis also darkens the canal behind the landmark (ligamentum flavum / facets)
+more than a herniation does. Geometry and the bit-identical far field are tested in test_pipeline.py. Not pinned
+because the weights do not do it on this phantom (see model_training/README.md, section 5): masked herniation at
+the L4-L5 disc margin, and RePaint (its change at the landmark is small).
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from spine_ldm import pipeline, registry
@@ -51,3 +54,18 @@ def test_demo_weights_paint_the_pathology_at_the_landmark(phantom, method, level
     out = res.outputs[0]
     change = landmark_patch_change(out, image, lm)
     assert change < limit, f"{method} {condition}: landmark patch change {change:+.3f} (want < {limit})"
+
+
+def test_weighted_demo_model_grades_the_condition_at_one_landmark(phantom):
+    image, discs, lms = phantom
+    lm = lms[("L4-L5", "dh")]
+    behind = tuple(np.asarray(lm) + np.array([0.0, 12.0, 0.0]))   # 12 mm posterior (LPS: +y)
+    at, post = {}, {}
+    for cond in ("dh_small", "dh_moderate_large", "ccs_severe"):
+        res = pipeline.inpaint(image, lm, "L4-L5", cond, method="weighted", samples=1, seed=0, steps=50,
+                               device="cpu", disc_center_lps=discs["L4-L5"], registry=_bundled())
+        at[cond] = landmark_patch_change(res.outputs[0], image, lm)
+        post[cond] = landmark_patch_change(res.outputs[0], image, behind)
+    assert at["dh_small"] > at["dh_moderate_large"] + 0.05, at
+    assert at["ccs_severe"] < at["dh_moderate_large"] - 0.05, at
+    assert post["ccs_severe"] < post["dh_moderate_large"] - 0.05, post

@@ -37,10 +37,10 @@ def test_small_architecture_frozen():
     """The bundled demo weights depend on these numbers: change them only together with new weights."""
     cfg = load_config("small")
     ae, un = build_models(cfg)
-    assert (cfg.autoencoder.channels, cfg.unet.channels, cfg.unet.attention_levels) == (
-        (32, 64), (32, 64, 64), (False, False, True))
+    assert (cfg.autoencoder.channels, cfg.unet.channels, cfg.unet.attention_levels, cfg.unet.class_embedding) == (
+        (32, 64), (16, 32, 64), (False, False, True), True)
     assert count_params(ae) == 715972
-    assert count_params(un) == 3240419
+    assert count_params(un) == 2121203
 
 
 def test_config_errors(tmp_path):
@@ -183,6 +183,29 @@ def test_unet_w_channel():
     assert a.shape == z.shape and (a - b).abs().max() > 1e-5
     with pytest.raises(InputError, match="w_channel"):
         un(z, torch.tensor([100, 100]), 1, 1)
+
+
+def test_unet_class_embedding_conditions_every_block():
+    """With class_embedding the condition reaches the network through the timestep embedding too: with the
+    cross-attention context made condition-blind (tau's last layer zeroed) the output still depends on the
+    condition; without class_embedding it then does not."""
+    outs = {}
+    for flag in (True, False):
+        cfg = load_config("small", **{"unet.class_embedding": flag})
+        torch.manual_seed(0)
+        un = ConditionalUNet(cfg).eval()
+        with torch.no_grad():
+            for p in un.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+            un.tau.mlp[-1].weight.zero_()
+        assert hasattr(un.unet, "class_embedding") == flag
+        z = torch.randn(2, *cfg.latent_shape)
+        t = torch.tensor([300, 300])
+        with torch.no_grad():
+            outs[flag] = [un(z, t, 3, c) for c in (1, 3)]
+    assert (outs[True][0] - outs[True][1]).abs().max() > 1e-4
+    assert torch.equal(outs[False][0], outs[False][1])
 
 
 def test_paper_config_shapes():
