@@ -166,14 +166,21 @@ def test_unet_shape_and_conditioning(small):
         un(z, torch.tensor([1, 2, 3]), 0, 0)
 
 
-def test_unet_w_channel():
-    cfg = load_config("small", **{"unet.w_channel": True})
+def _awake_unet(cfg) -> ConditionalUNet:
+    """A seeded U-Net of ``cfg`` whose zero-initialised parameters (MONAI zeroes the output conv) are perturbed, so
+    that its output depends on the input and the conditioning."""
     torch.manual_seed(0)
     un = ConditionalUNet(cfg).eval()
     with torch.no_grad():
         for p in un.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
+    return un
+
+
+def test_unet_w_channel():
+    cfg = load_config("small", **{"unet.w_channel": True})
+    un = _awake_unet(cfg)
     assert un.unet.conv_in.conv.in_channels == cfg.autoencoder.latent_channels + 1
     z = torch.randn(2, *cfg.latent_shape)
     w = torch.rand(2, 1, *cfg.latent_shape[1:])
@@ -191,16 +198,11 @@ def test_unet_class_embedding_conditions_every_block():
     condition; without class_embedding it then does not."""
     outs = {}
     for flag in (True, False):
-        cfg = load_config("small", **{"unet.class_embedding": flag})
-        torch.manual_seed(0)
-        un = ConditionalUNet(cfg).eval()
+        un = _awake_unet(load_config("small", **{"unet.class_embedding": flag}))
         with torch.no_grad():
-            for p in un.parameters():
-                if p.abs().sum() == 0:
-                    p.normal_(0, 0.02)
             un.tau.mlp[-1].weight.zero_()
         assert hasattr(un.unet, "class_embedding") == flag
-        z = torch.randn(2, *cfg.latent_shape)
+        z = torch.randn(2, *load_config("small").latent_shape)
         t = torch.tensor([300, 300])
         with torch.no_grad():
             outs[flag] = [un(z, t, 3, c) for c in (1, 3)]
