@@ -153,7 +153,6 @@ def render_labels(anat: Anatomy, dhs, ccss, grid: Grid, S: int):
     Y32 = Y.astype(F32)
     prof = anat.prof
     xm2 = anat.xm(s2)
-    seg = {sg.name: sg for sg in anat.segments}
     gap = {gp.name: gp for gp in anat.gaps}
     st = {k: v[0] for k, v in anat.seg_s.items()}
     sb = {k: v[1] for k, v in anat.seg_s.items()}
