@@ -421,14 +421,19 @@ def provenance_header(prov: dict) -> dict[str, str]:
     return out
 
 
+def _stem_suffix(p: Path) -> tuple[str, str]:
+    """``a.nii.gz`` -> ("a", ".nii.gz"); ``a.nrrd`` -> ("a", ".nrrd"); ``a`` -> ("a", "")."""
+    name = p.name
+    suffix = name[-7:] if name.lower().endswith(".nii.gz") else p.suffix
+    return (name[: len(name) - len(suffix)] if suffix else name), suffix
+
+
 def output_paths(out: str | os.PathLike, samples: int) -> list[Path]:
     """``OUT.nrrd`` for one sample, else ``OUT_1.nrrd`` .. ``OUT_K.nrrd`` (``.nii.gz`` handled)."""
     p = Path(out)
     if samples == 1:
         return [p]
-    name = p.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
-    stem = name[: len(name) - len(suffix)] if suffix else name
+    stem, suffix = _stem_suffix(p)
     return [p.with_name(f"{stem}_{k}{suffix}") for k in range(1, samples + 1)]
 
 
@@ -439,9 +444,7 @@ HEADER_FORMATS = (".nrrd", ".nhdr")
 def sidecar_path(p: str | os.PathLike) -> Path:
     """``a.nii.gz`` -> ``a.json`` (the provenance sidecar of a format without free header keys)."""
     p = Path(p)
-    name = p.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
-    return p.with_name(f"{name[: len(name) - len(suffix)] if suffix else name}.json")
+    return p.with_name(f"{_stem_suffix(p)[0]}.json")
 
 
 def write_outputs(result: InpaintResult, out: str | os.PathLike) -> list[Path]:
@@ -460,9 +463,8 @@ def write_outputs(result: InpaintResult, out: str | os.PathLike) -> list[Path]:
     try:
         for img, prov, p in zip(result.outputs, result.provenances or [result.provenance], paths):
             p.parent.mkdir(parents=True, exist_ok=True)
-            name = p.name
-            suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
-            tmp = p.with_name(f".{name[: len(name) - len(suffix)]}.partial{os.getpid()}{suffix}")
+            stem, suffix = _stem_suffix(p)
+            tmp = p.with_name(f".{stem}.partial{os.getpid()}{suffix}")
             header = suffix.lower() in HEADER_FORMATS
             sio.write_volume(img, tmp, metadata=provenance_header(prov) if header else None)
             written.append((tmp, p))
