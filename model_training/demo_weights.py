@@ -21,8 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from spine_ldm.errors import InputError
 
 from . import common as C
@@ -119,11 +117,11 @@ def main_demo(args) -> int:
         timings["autoencoder_s"] = round(time.time() - t, 1)
     ldm_cfg = C.load_train_config("ldm_small", {"steps": args.ldm_steps})
     bf16 = getattr(args, "cpu_bf16", "off")
-    if str(args.device).startswith("cpu") or (args.device == "auto" and not torch.cuda.is_available()):
-        if bf16 == "on" or (bf16 == "auto" and C.cpu_has_native_bf16()):
-            ldm_cfg["amp"] = "bf16"
-            timings["ldm_amp"] = "bf16"
-            log("[demo] LDMs train under CPU bfloat16 autocast (--cpu-bf16 off for fp32)")
+    want_bf16 = bf16 == "on" or (bf16 == "auto" and C.cpu_has_native_bf16())
+    if want_bf16 and C.resolve_device(args.device).type == "cpu":
+        ldm_cfg["amp"] = "bf16"
+        timings["ldm_amp"] = "bf16"
+        log("[demo] LDMs train under CPU bfloat16 autocast (--cpu-bf16 off for fp32)")
     todo = []
     for m in methods:
         run = work / "runs" / m
