@@ -434,3 +434,29 @@ def test_evaluate_end_to_end_on_phantoms(manifest, ldm_runs, tmp_path):
     assert (tmp_path / "eval" / "table1.csv").read_text().splitlines()[0].startswith("level,condition,method")
     info = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert info["methods"] == ["weighted", "masked", "repaint"] and info["healthy_inputs"] > 0
+
+
+@pytest.mark.slow
+def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
+    """The bundled-weights recipe at toy size: phantoms -> autoencoder (fp32) -> three LDMs in 2 worker processes
+    under CPU bf16 -> export into a registry whose entries verify and share one autoencoder."""
+    from spine_ldm import registry as R
+
+    work, out = tmp_path / "work", tmp_path / "out" / "Models"
+    r = subprocess.run([PY, "-m", "model_training", "make-demo-weights", "--work", str(work), "--out", str(out),
+                        "--n-studies", "4", "--ae-steps", "2", "--ldm-steps", "2", "--jobs", "2", "--cpu-bf16", "on",
+                        "--device", "cpu", "--quiet"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    timings = json.loads((work / "demo_timings.json").read_text())
+    assert timings["ldm_amp"] == "bf16" and {"autoencoder_s", "weighted_s", "masked_s", "full_s", "ldm_wall_s",
+                                             "total_s"} <= set(timings)
+    assert C.read_run_info(work / "runs" / "autoencoder")["amp"] == "off"
+    for m in ("weighted", "masked", "full"):
+        info = C.read_run_info(work / "runs" / m)
+        assert info["amp"] == "bf16" and info["steps_done"] == 2 and info["train_config"]["threads"] == 1
+    reg = out.parent / "Models.json"
+    ids = {e.id: e for e in R.list_models(str(reg))}
+    assert set(ids) == {"demo-small-weighted", "demo-small-masked", "demo-small-full"}
+    for i in ids:
+        assert all(st.status == "ok" for st in R.verify(i, str(reg)).values())
+    assert len({e.files["autoencoder"].sha256 for e in ids.values()}) == 1
