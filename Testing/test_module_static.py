@@ -159,11 +159,8 @@ def test_top_level_cmakelists_is_a_slicer_extension():
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert f"set({key} " in text, key
-    assert "find_package(Slicer REQUIRED)" in text and "${Slicer_EXTENSION_CPACK}" in text
-    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # raw URLs of files in this repository
-        for url in re.search(rf'set\({key} "([^"]*)"\)', text).group(1).split():
-            rel = url.split("/main/", 1)[1]
-            assert (REPO / rel).is_file(), f"{key} points at {rel}, which is not in the repository"
+    assert re.search(r"^find_package\(Slicer [\d.]+ REQUIRED\)", text, re.M) and "${Slicer_EXTENSION_CPACK}" in text
+    # icon / screenshot URLs and the catalog entry: Testing/test_extension_index.py
     assert (REPO / "Resources" / "Icons" / "SpineInpaint.png").is_file()
     png = (MODULE_DIR / "Resources" / "Icons" / "SpineInpaint.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

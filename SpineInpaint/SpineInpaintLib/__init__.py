@@ -20,5 +20,9 @@ backend process (``spine-ldm``) or on a remote server. Submodules are imported l
 (``from SpineInpaintLib.logic import InpaintLogic``) so that importing the package is free.
 """
 
+#: Oldest 3D Slicer release the extension supports (also in the top-level CMakeLists.txt ``find_package(Slicer ...)``
+#: and the README; ``Testing/test_extension_index.py`` keeps the three equal).
+MINIMUM_SLICER_VERSION = "5.10"
+
 SUBMODULES = ("parameters", "nodes", "runner", "remote", "dependencies", "level", "models", "layout", "logic",
               "sampledata", "rating")
