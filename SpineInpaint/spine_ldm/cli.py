@@ -26,6 +26,7 @@ Negative first coordinates work both as ``--landmark -1,2,3`` and ``--landmark=-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -118,11 +119,34 @@ def _json_default(o):
 
 # ----------------------------------------------------------------------------------------------------------------
 # sub-commands
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """While the outputs are written and reported, SIGINT / SIGTERM only set the returned flag (``write_outputs``
+    asks it before each file and before renaming them into place): an interrupt either removes everything (exit
+    130, nothing written) or comes too late and the complete outputs are reported (exit 0), never a mix."""
+    import signal
+    import threading
+
+    flag = threading.Event()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    old[sig] = signal.signal(sig, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _cmd_inpaint(args, em: _Emitter) -> int:
     from . import pipeline
     from .conditions import parse_condition, parse_level
-    from .device import describe, select_device
     from .geometry import ras_to_lps
+    from .io import check_volume_file
 
     landmark = parse_vector(args.landmark, what="--landmark")
     disc = parse_vector(args.disc_center, what="--disc-center") if args.disc_center else None
@@ -139,6 +163,12 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
         raise InputError(f"--out must end in .nrrd (or .nii.gz, .mha), got {str(out)!r}")
     if not Path(args.image).exists():
         raise InputError(f"input image {args.image} does not exist")
+    # before any work (device, models, inference): the outputs never replace the input and can be written, and the
+    # input's header is sane (voxel limit, data as long as the header claims)
+    pipeline.check_outputs(out, args.samples, inputs=[args.image])
+    check_volume_file(args.image)
+    from .device import describe, select_device
+
     dev = select_device(args.device)
     model = args.model or pipeline.default_model_for(args.method)
     em.event(event="start", device=str(dev), device_name=describe(dev), samples=args.samples, steps=args.steps,
@@ -150,15 +180,18 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
                               disc_center_lps=disc, progress=lambda s, t: em.progress(s, t, "sample"),
                               registry=args.registry, edge_taper_mm=args.edge_taper_mm,
                               repaint_jump=args.repaint_jump, repaint_resample=args.repaint_resample)
-    paths = pipeline.write_outputs(result, out)
-    em.event(event="done", outputs=[str(p) for p in paths], nfe=result.nfe, seconds=round(result.seconds, 3),
-             device=result.device, peak_memory_mb=round(result.peak_memory_mb, 1), provenance=result.provenance,
-             provenances=result.provenances)
-    if em.mode != "json":
-        em.info(f"done in {result.seconds:.1f} s ({result.nfe} network evaluations per sample, "
-                f"peak memory {result.peak_memory_mb:.0f} MB)")
-        for p in paths:
-            print(p)
+    with _interrupts_deferred() as interrupted:
+        paths = pipeline.write_outputs(result, out, inputs=[args.image], cancel=interrupted.is_set)
+        em.event(event="done", outputs=[str(p) for p in paths], nfe=result.nfe, seconds=round(result.seconds, 3),
+                 device=result.device, peak_memory_mb=round(result.peak_memory_mb, 1), provenance=result.provenance,
+                 provenances=result.provenances)
+        if em.mode != "json":
+            em.info(f"done in {result.seconds:.1f} s ({result.nfe} network evaluations per sample, "
+                    f"peak memory {result.peak_memory_mb:.0f} MB)")
+            for p in paths:
+                print(p)
+        if interrupted.is_set():
+            em.info("interrupted after the outputs were written: they are complete")
     return 0
 
 

@@ -447,37 +447,79 @@ def sidecar_path(p: str | os.PathLike) -> Path:
     return p.with_name(f"{_stem_suffix(p)[0]}.json")
 
 
-def write_outputs(result: InpaintResult, out: str | os.PathLike) -> list[Path]:
+def check_outputs(out: str | os.PathLike, samples: int, inputs=()) -> list[Path]:
+    """Every file a run with ``samples`` samples writes for ``out`` (the outputs and, for formats without free
+    header keys, their ``<stem>.json`` sidecars), each checked with :func:`spine_ldm.io.check_output_path`:
+    refused (InputError, one line naming the path) when it is one of ``inputs`` (same path, symlink or hard link)
+    or cannot be written. The CLI calls it before any work, the server before a job runs, :func:`write_outputs`
+    again before writing; the Slicer glue can call it on the paths it chooses. Returns the files."""
+    from . import io as sio
+
+    files: list[Path] = []
+    for p in output_paths(out, samples):
+        files.append(p)
+        if _stem_suffix(p)[1].lower() not in HEADER_FORMATS:
+            files.append(sidecar_path(p))
+    for f in files:
+        sio.check_output_path(f, inputs)
+    return files
+
+
+def write_outputs(result: InpaintResult, out: str | os.PathLike, inputs=(),
+                  cancel: Callable[[], bool] | None = None) -> list[Path]:
     """Write every output with its provenance in ``spine_ldm_*`` header keys; returns the paths. Formats that
     cannot keep such keys (NIfTI, MetaImage, ...) get the provenance as a JSON sidecar ``<stem>.json`` instead.
 
-    Files are written to a temporary name in the target folder and renamed, so a failure never leaves a
-    half-written output behind.
+    All or nothing: every file is first written under a hidden temporary name in its target folder (registered
+    for removal before it is created), ``cancel()`` is asked before each file and before the renames, and only
+    then are all files renamed into place. Any exception, ``KeyboardInterrupt`` included, or a cancel removes
+    every temporary file and every output already renamed, so either all outputs exist complete or none does
+    (:class:`CancelledError` on cancel). Outputs that are one of ``inputs`` or cannot be written are refused first
+    (:func:`check_outputs`); write errors are one-line InputErrors naming the path.
     """
     import json
 
     from . import io as sio
 
     paths = output_paths(out, len(result.outputs))
-    written: list[tuple[Path, Path]] = []
+    check_outputs(out, len(paths), inputs)
+    pending: list[tuple[Path, Path]] = []  # (temporary, final), registered before the temporary file exists
+    committed: list[Path] = []
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise CancelledError("cancelled while writing the outputs (nothing was written)")
+
     try:
-        for img, prov, p in zip(result.outputs, result.provenances or [result.provenance], paths):
-            p.parent.mkdir(parents=True, exist_ok=True)
-            stem, suffix = _stem_suffix(p)
-            tmp = p.with_name(f".{stem}.partial{os.getpid()}{suffix}")
-            header = suffix.lower() in HEADER_FORMATS
-            sio.write_volume(img, tmp, metadata=provenance_header(prov) if header else None)
-            written.append((tmp, p))
-            if not header:
-                side = sidecar_path(p)
-                tmp_side = side.with_name(f".{side.name}.partial{os.getpid()}")
-                tmp_side.write_text(json.dumps({"spine_ldm_provenance": prov, "image": p.name}, indent=2,
-                                               default=str) + "\n", encoding="utf-8")
-                written.append((tmp_side, side))
-        for tmp, p in written:
-            os.replace(tmp, p)
+        try:
+            for img, prov, p in zip(result.outputs, result.provenances or [result.provenance], paths):
+                check_cancel()
+                p.parent.mkdir(parents=True, exist_ok=True)
+                stem, suffix = _stem_suffix(p)
+                tmp = p.with_name(f".{stem}.partial{os.getpid()}{suffix}")
+                header = suffix.lower() in HEADER_FORMATS
+                pending.append((tmp, p))
+                sio.write_volume(img, tmp, metadata=provenance_header(prov) if header else None)
+                if not header:
+                    side = sidecar_path(p)
+                    tmp_side = side.with_name(f".{side.name}.partial{os.getpid()}")
+                    pending.append((tmp_side, side))
+                    tmp_side.write_text(json.dumps({"spine_ldm_provenance": prov, "image": p.name}, indent=2,
+                                                   default=str) + "\n", encoding="utf-8")
+            check_cancel()
+            for tmp, p in pending:
+                os.replace(tmp, p)
+                committed.append(p)
+        except OSError as exc:
+            where = exc.filename or (pending[-1][1] if pending else out)
+            raise InputError(f"cannot write '{where}': {exc.strerror or exc}") from None
+    except BaseException:
+        for p in committed:  # all or nothing
+            if p.exists():
+                p.unlink()
+        raise
     finally:
-        for tmp, _ in written:
+        for tmp, _ in pending:
             if tmp.exists():
                 tmp.unlink()
     return paths
