@@ -4,9 +4,13 @@ Policy (same as SlicerNNUnet / SlicerTotalSegmentator):
 
 - torch is never pip-installed here: it comes from the *PyTorch* extension (``PyTorchUtils``), which picks the
   build matching the GPU driver. Without that extension the user gets a clear message saying what to install.
-- The other backend packages (``Resources/requirements.txt``: monai, einops, ...) are installed with pinned
-  versions only when the user presses Apply (never at module load), one by one with ``--no-deps`` so that pip never
-  replaces Slicer's own numpy, SimpleITK, vtk or torch. Any of those appearing in the requirements file is refused.
+- The other backend packages (``Resources/requirements.txt``: monai, einops, the warm backend's server, ...) are
+  installed with pinned versions only when the user presses Apply (never at module load), one by one with
+  ``--no-deps`` so that pip never replaces Slicer's own numpy, SimpleITK, vtk or torch. Any of those appearing in the
+  requirements file is refused, except the ``torch`` line: it is the minimum the MONAI pin needs (one place), checked
+  against the installed torch, never pip-installed.
+- Because ``--no-deps`` means pip checks nothing, ``dependencyConflicts`` checks the installed versions against the
+  installed packages' own requirements (e.g. monai 1.6.1 needs torch>=2.8) before a local run.
 - Nothing here imports torch into the Slicer process: versions are read with ``importlib.metadata`` and the device
   is probed in a short-lived backend subprocess (cached).
 """
@@ -21,10 +25,14 @@ from typing import Callable, Optional
 #: Packages Slicer ships (or the PyTorch extension manages): never installed / upgraded by this module.
 PROTECTED = frozenset({"numpy", "simpleitk", "vtk", "torch", "torchvision", "torchaudio", "requests", "packaging",
                        "slicer", "pip", "setuptools"})
-MINIMUM_TORCH = ">=2.1"
+#: Packages every 3D Slicer 5.10+ ships: a dependency on them needs no line in requirements.txt.
+SLICER_PROVIDED = frozenset({"numpy", "simpleitk", "vtk", "requests", "idna", "certifi", "charset-normalizer",
+                             "urllib3", "packaging", "pip", "setuptools", "wheel"})
+TORCH = "torch"
 #: rough seconds per network evaluation per sample on a 2-core CPU, by model config (see platform notes)
 CPU_SECONDS_PER_STEP = {"small": 0.03, "paper": 0.12}
 CPU_OVERHEAD_SECONDS = 6.0  # python + torch import, weights load, autoencoder, paste-back
+WARM_OVERHEAD_SECONDS = 1.0  # warm backend: torch and the models are already loaded
 
 
 class DependencyError(Exception):
@@ -70,15 +78,65 @@ def isSatisfied(req: str) -> bool:
     return v is not None and (not r.specifier or r.specifier.contains(v, prereleases=True))
 
 
-def missingRequirements(requirements: Optional[list[str]] = None) -> list[str]:
+def installableRequirements(requirements: Optional[list[str]] = None) -> list[str]:
+    """The requirements pip installs (everything but the ``torch`` minimum)."""
     reqs = readRequirements() if requirements is None else requirements
-    return [r for r in reqs if not isSatisfied(r)]
+    return [r for r in reqs if requirementName(r).lower() != TORCH]
+
+
+def torchRequirement(requirements: Optional[list[str]] = None) -> str:
+    """The ``torch`` line of requirements.txt (e.g. ``torch>=2.8``): the minimum the MONAI pin needs."""
+    reqs = readRequirements() if requirements is None else requirements
+    found = [r for r in reqs if requirementName(r).lower() == TORCH]
+    if len(found) != 1:
+        raise DependencyError(f"{requirementsPath()} must name the torch minimum exactly once (found {len(found)})")
+    return found[0]
+
+
+def missingRequirements(requirements: Optional[list[str]] = None) -> list[str]:
+    return [r for r in installableRequirements(requirements) if not isSatisfied(r)]
 
 
 def checkProtected(requirements: list[str]) -> None:
     bad = [r for r in requirements if requirementName(r).lower() in PROTECTED]
     if bad:
         raise DependencyError(f"requirements must not include Slicer-managed packages: {', '.join(bad)}")
+
+
+def _runtimeRequirements(name: str) -> list:
+    """``Requires-Dist`` of an installed distribution that apply here (no extras, markers evaluated)."""
+    from importlib.metadata import requires
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    out = []
+    for text in requires(name) or []:
+        try:
+            r = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if r.marker is None or r.marker.evaluate({"extra": ""}):
+            out.append(r)
+    return out
+
+
+def dependencyConflicts(requirements: Optional[list[str]] = None) -> list[str]:
+    """One line per installed backend package whose own requirements are not met by what is installed (pip, run
+    with ``--no-deps``, never checked them), e.g. ``monai 1.6.1 needs torch>=2.8.0 (installed: 2.1.0)``."""
+    from packaging.requirements import Requirement
+
+    out = []
+    for req in readRequirements() if requirements is None else requirements:
+        name = Requirement(req).name
+        have = installedVersion(name)
+        if have is None:
+            continue
+        for dep in _runtimeRequirements(name):
+            got = installedVersion(dep.name)
+            if got is None:
+                out.append(f"{name} {have} needs {dep.name}{dep.specifier} (not installed)")
+            elif dep.specifier and not dep.specifier.contains(got.split("+")[0], prereleases=True):
+                out.append(f"{name} {have} needs {dep.name}{dep.specifier} (installed: {got})")
+    return out
 
 
 @dataclass
@@ -103,31 +161,48 @@ def torchStatus() -> TorchStatus:
                        pyTorchExtension=importlib.util.find_spec("PyTorchUtils") is not None)
 
 
+def checkTorchVersion(version: str, requirement: Optional[str] = None) -> None:
+    """DependencyError (saying how to upgrade through the PyTorch extension) when ``version`` is too old."""
+    from packaging.requirements import Requirement
+
+    requirement = requirement or torchRequirement()
+    spec = Requirement(requirement).specifier
+    if spec.contains(str(version).split("+")[0], prereleases=True):
+        return
+    pins = [r for r in installableRequirements() if requirementName(r).lower() == "monai"]
+    why = f" (required by {pins[0]})" if pins else ""
+    raise DependencyError(
+        f"PyTorch {version} is too old: SpineInpaint needs torch{spec}{why}. Upgrade it in Slicer: Modules > "
+        f"Utilities > PyTorch Utils, click 'Uninstall PyTorch', restart Slicer, set the Torch version requirement to "
+        f"'{spec}' and click 'Install PyTorch' (or press Apply here to install it)")
+
+
 def ensureTorch(askConfirmation: bool = True) -> str:
     """Install torch through PyTorchUtils if needed; returns the installed version or raises DependencyError."""
+    from packaging.requirements import Requirement
+
+    requirement = torchRequirement()
     status = torchStatus()
     if status.installed:
-        from packaging.specifiers import SpecifierSet
-
-        if not SpecifierSet(MINIMUM_TORCH).contains(status.version.split("+")[0], prereleases=True):
-            raise DependencyError(f"PyTorch {status.version} is too old ({MINIMUM_TORCH} needed): update it with "
-                                  "the 'PyTorch Util' module")
+        checkTorchVersion(status.version, requirement)
         return status.version
     if not status.pyTorchExtension:
         raise DependencyError(status.message())
     import PyTorchUtils  # noqa: the PyTorch extension, only inside Slicer
 
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
-                                                           torchVersionRequirement=MINIMUM_TORCH)
+                                                           torchVersionRequirement=str(Requirement(requirement).specifier))
     if torch is None:
         raise DependencyError("PyTorch installation was cancelled or failed: the module cannot run without it")
-    return installedVersion("torch") or "unknown"
+    version = installedVersion("torch") or "unknown"
+    checkTorchVersion(version, requirement)
+    return version
 
 
 def installRequirements(requirements: Optional[list[str]] = None, pipInstall: Optional[Callable] = None,
                         log: Callable[[str], None] = print) -> list[str]:
     """pip-install the missing pinned requirements with ``--no-deps``; returns what was installed."""
-    reqs = readRequirements() if requirements is None else requirements
+    reqs = installableRequirements(requirements)
     checkProtected(reqs)
     missing = missingRequirements(reqs)
     if not missing:
