@@ -10,8 +10,13 @@ Events are dicts with an ``"event"`` key: ``start``, ``progress`` (``step``, ``o
 ``stream`` is ``stdout`` or ``stderr``) and ``cancelled``. A process that dies without an ``error`` line becomes an
 ``error`` event whose message names the exit code and the last stderr line, never a traceback dump.
 
-Cancel kills the whole process group (the backend and anything it spawned) and returns within ``timeout``
-seconds (default 2); nothing is loaded into the scene for a cancelled or failed run.
+Cancel kills the whole process tree (the backend and anything it spawned) on every platform: inside Slicer the
+command is ``PythonSlicer``, a launcher that starts the real Python as a *child*, so terminating the launcher alone
+would leave the backend running (Windows has no process groups to fall back on). The tree is collected with psutil
+(as SlicerMONAIAuto3DSeg does) before anything is signalled, terminated, and killed after a grace period; without
+psutil the fallback is the process group (POSIX) or ``taskkill /T`` (Windows). ``requestCancel()`` never blocks:
+``poll()`` escalates and reports ``cancelled`` once every process of the tree is gone; ``cancel(timeout)`` is the
+blocking form for scripts. Nothing is loaded into the scene for a cancelled or failed run.
 """
 from __future__ import annotations
 
@@ -173,6 +178,7 @@ class BackendProcess:
     """
 
     STDERR_TAIL = 20
+    DRAIN_SECONDS = 2.0  # after the process exited, how long its output may take to arrive
 
     def __init__(self, command: Sequence[str], env: Optional[dict] = None, cwd: Optional[str] = None,
                  onEvent: Optional[Callable[[dict], None]] = None):
@@ -191,22 +197,19 @@ class BackendProcess:
         self._threads: list[threading.Thread] = []
         self._stderrTail: deque = deque(maxlen=self.STDERR_TAIL)
         self._cancelRequested = False
+        self._killDeadline: Optional[float] = None
+        self._exitSeen: Optional[float] = None
+        self._tree: Optional[ProcessTree] = None
         self._finalized = False
 
     # -- lifecycle
     def start(self) -> "BackendProcess":
         if self.state != IDLE:
             raise RuntimeError("a BackendProcess can only be started once")
-        kwargs = {}
-        if os.name == "posix":
-            kwargs["start_new_session"] = True  # own process group: cancel kills the whole tree
-        else:
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(
-                subprocess, "CREATE_NO_WINDOW", 0)
         self.startTime = time.monotonic()
         self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, text=True,
-                                      encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                                      encoding="utf-8", errors="replace", bufsize=1, **popenKwargs())
         self.state = RUNNING
         for stream, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
             t = threading.Thread(target=self._reader, args=(stream, name), daemon=True, name=f"spine-ldm-{name}")
@@ -238,11 +241,17 @@ class BackendProcess:
     def poll(self) -> list[dict]:
         """Events since the last call; updates ``state`` (the final event is ``done``/``error``/``cancelled``)."""
         events = [self._handle(e) for e in drainQueue(self._queue)]
-        if self.state == RUNNING and self._proc is not None and self._proc.poll() is not None:
-            for t in self._threads:  # drain what the process wrote before exiting
-                t.join(timeout=1.0)
-            events += [self._handle(e) for e in drainQueue(self._queue)]
-            events += self._finalize(self._proc.returncode)
+        if self._cancelRequested and self.state == RUNNING:
+            self._continueCancel()
+        if self.state == RUNNING and self._proc is not None and self._proc.poll() is not None and \
+                (self._tree is None or not self._tree.alive()):
+            if self._exitSeen is None:
+                self._exitSeen = time.monotonic()
+            # finish once the readers reached the end of the output (never block the caller waiting for them)
+            drained = not any(t.is_alive() for t in self._threads)
+            if drained or time.monotonic() - self._exitSeen > self.DRAIN_SECONDS:
+                events += [self._handle(e) for e in drainQueue(self._queue)]
+                events += self._finalize(self._proc.returncode)
         if self.onEvent:
             for e in events:
                 self.onEvent(e)
@@ -289,41 +298,104 @@ class BackendProcess:
         return waitForRun(self, timeout, pollInterval, onEvent)
 
     # -- cancel
+    def requestCancel(self, graceSeconds: float = 1.0) -> None:
+        """Start cancelling without blocking: terminate the whole tree now, kill what is left after
+        ``graceSeconds`` (from ``poll()``). The run reports ``cancelled`` once every process is gone."""
+        if self._proc is None or self.state != RUNNING or self._cancelRequested:
+            return
+        self._cancelRequested = True
+        self._killDeadline = time.monotonic() + graceSeconds
+        self._tree = ProcessTree(self._proc)
+        self._tree.signal(kill=False)
+
+    def _continueCancel(self) -> None:
+        if self._tree is None:
+            return
+        if self._killDeadline is not None and time.monotonic() >= self._killDeadline:
+            self._killDeadline = None
+            self._tree.signal(kill=True)
+
     def cancel(self, timeout: float = 2.0) -> bool:
-        """Kill the backend (SIGTERM, then SIGKILL) within ``timeout`` s; True when it is gone."""
+        """Blocking cancel for scripts: the whole tree is gone within ``timeout`` s (SIGTERM, then SIGKILL at
+        half the timeout); True when it is."""
         if self._proc is None or self.state != RUNNING:
             return True
-        self._cancelRequested = True
         deadline = time.monotonic() + timeout
-        self._signal(terminate=True)
-        try:
-            self._proc.wait(timeout=max(0.05, min(0.5 * timeout, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            self._signal(terminate=False)
-            try:
-                self._proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                return False
-        self.poll()
-        return True
+        self.requestCancel(graceSeconds=0.5 * timeout)
+        while self.state == RUNNING and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.02)
+        return self.state != RUNNING
 
-    def _signal(self, terminate: bool) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            if os.name == "posix":
-                os.killpg(proc.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-            elif terminate:
-                proc.terminate()
-            else:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
+    def kill(self) -> None:
+        """Kill the whole tree at once (used when Slicer exits)."""
+        if self._proc is not None and self._proc.poll() is None:
+            ProcessTree(self._proc).signal(kill=True)
 
     def __del__(self):
         try:
-            if self._proc is not None and self._proc.poll() is None:
-                self._signal(terminate=False)
+            self.kill()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------- process tree
+def popenKwargs() -> dict:
+    """Platform flags for a backend process: its own session / process group, no console window on Windows."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess,
+                                                                                          "CREATE_NO_WINDOW", 0)}
+
+
+class ProcessTree:
+    """A process and every descendant, collected (psutil) before any of them is signalled: once the launcher is
+    gone its children can no longer be found from it."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.processes = []  # psutil.Process, root first
+        try:
+            import psutil
+        except ImportError:
+            self._psutil = None
+            return
+        self._psutil = psutil
+        try:
+            root = psutil.Process(popen.pid)
+            self.processes = [root] + root.children(recursive=True)
+        except psutil.Error:
+            self.processes = []
+
+    def signal(self, kill: bool) -> None:
+        """Terminate (``kill=False``) or kill every process of the tree."""
+        if self._psutil is not None and self.processes:
+            for p in reversed(self.processes):  # descendants first
+                try:
+                    p.kill() if kill else p.terminate()
+                except self._psutil.Error:
+                    pass
+            return
+        if self.popen.poll() is not None:
+            return
+        try:  # no psutil: the process group (POSIX) or taskkill's tree walk (Windows)
+            if os.name == "posix":
+                os.killpg(self.popen.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            elif not kill:
+                self.popen.terminate()
+            else:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.popen.pid)], capture_output=True, check=False)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+    def alive(self) -> bool:
+        """True while any process of the tree runs (zombies awaiting their reaper count as gone)."""
+        if self.popen.poll() is None:
+            return True
+        for p in self.processes[1:]:
+            try:
+                if p.is_running() and p.status() != self._psutil.STATUS_ZOMBIE:
+                    return True
+            except self._psutil.Error:
+                continue
+        return False
