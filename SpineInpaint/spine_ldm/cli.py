@@ -279,7 +279,8 @@ def _cmd_serve(args, em: _Emitter) -> int:
         from .server import serve
     except ImportError as e:
         raise SpineLDMError(f"the server needs the 'serve' extra (pip install 'spine-ldm[serve]'): {e}") from None
-    serve(host=args.host, port=args.port, token=token, registry=args.registry, max_request_mb=args.max_request_mb)
+    serve(host=args.host, port=args.port, token=token, registry=args.registry, max_request_mb=args.max_request_mb,
+          parent_pid=args.parent_pid)
     return 0
 
 
@@ -362,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("serve", help="HTTP server around the pipeline (needs the 'serve' extra)")
     q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free one (the chosen port is printed "
+                                                          "on stdout as a JSON line once the server listens)")
+    q.add_argument("--parent-pid", type=int, default=None,
+                   help="shut down when this process ends (the GUI that started the server as its local worker)")
     g = q.add_mutually_exclusive_group()
     g.add_argument("--token", default=None, help="bearer token clients must send")
     g.add_argument("--token-file", default=None, help="file holding the token (keeps it out of the process list)")

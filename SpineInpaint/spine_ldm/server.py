@@ -503,9 +503,48 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
     return app
 
 
+def _watch_parent(pid: int, server, interval: float = 1.0) -> None:
+    """Stop ``server`` when process ``pid`` (the GUI that started this server) has ended."""
+    try:
+        import psutil
+
+        parent = psutil.Process(pid)
+        alive = parent.is_running  # also false when the pid was reused by another process
+    except ImportError:
+        if os.name != "posix":
+            log.warning("--parent-pid needs psutil on this platform; the server will not follow its parent")
+            return
+
+        def alive():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
+    except Exception:  # noqa: BLE001 - the parent is already gone
+        alive = lambda: False  # noqa: E731
+
+    def watch():
+        while alive():
+            time.sleep(interval)
+        log.warning("parent process %d ended: shutting down", pid)
+        server.should_exit = True
+        time.sleep(10.0)
+        os._exit(0)  # a job stuck in native code must not keep the process alive
+
+    threading.Thread(target=watch, daemon=True, name="spine-ldm-parent-watch").start()
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None, registry=None,
-          max_request_mb: float = 512) -> None:
-    """Run the server (blocking). Without ``token`` a random one is generated and printed once."""
+          max_request_mb: float = 512, parent_pid: Optional[int] = None) -> None:
+    """Run the server (blocking). Without ``token`` a random one is generated and printed once.
+
+    ``port=0`` binds a free port. Once listening, one JSON line goes to stdout:
+    ``{"event": "listening", "host": ..., "port": ..., "url": "http://host:port"}``. With ``parent_pid`` the server
+    shuts down when that process ends (a GUI's local worker must not outlive the GUI).
+    """
     import uvicorn
 
     if not token:
@@ -517,4 +556,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None
                          "tunnel on untrusted networks\n")
     logging.basicConfig(level=logging.INFO)
     app = create_app(token, registry=registry, max_request_mb=max_request_mb)
-    uvicorn.run(app, host=host, port=int(port), log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="info"))
+    sock = server.config.bind_socket()  # bound before announcing: the port is taken, port 0 is resolved
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    sys.stdout.write(json.dumps({"event": "listening", "host": host, "port": bound,
+                                 "url": f"http://{shown}:{bound}"}) + "\n")
+    sys.stdout.flush()
+    if parent_pid:
+        _watch_parent(int(parent_pid), server)
+    server.run(sockets=[sock])
