@@ -14,20 +14,29 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``; 401 other
     DELETE /jobs/{id}               cancel a queued/running job, or forget a finished one (deletes its files)
 
 ``params`` are :func:`~spine_ldm.pipeline.inpaint` keyword arguments: ``landmark_lps`` (LPS mm), ``level``,
-``condition`` (required), ``method``, ``samples``, ``seed``, ``steps``, ``sigma_mm``, ``device``, ``model`` (a
-registry id only: clients cannot make the server load files), ``disc_center_lps``. Unknown keys are refused (422).
+``condition`` (required), ``method``, ``samples``, ``seed``, ``steps``, ``sigma_mm``, ``device``, ``model`` (one
+of the ids ``GET /models`` lists: clients cannot make the server load files), ``disc_center_lps``. Unknown keys,
+non-finite numbers (NaN, Infinity) and unregistered models are refused (422), and so is an uploaded volume whose
+header claims more voxels than the limit (env ``SPINE_LDM_MAX_VOXELS``) or more data than the file holds.
 
 Safety: bearer token compared in constant time (one is generated and printed when none is given); requests larger
 than ``max_request_mb`` get 413 (checked on ``Content-Length`` and again while streaming); one worker thread runs
 jobs one at a time from a bounded queue (503 when full); finished jobs are kept for ``RESULT_TTL_S`` or until
-``MAX_FINISHED`` newer ones exist. The server speaks plain HTTP: bind it to 127.0.0.1 (default) and reach it
-through an SSH tunnel, or put an HTTPS reverse proxy in front of it.
+``MAX_FINISHED`` newer ones exist. Jobs live in memory only: after a restart an old job id is answered with 404
+"the server restarted" (ids carry a per-process prefix). No ``/docs``, ``/redoc`` or ``/openapi.json``.
+Uploads go to a ``spine-ldm-server-*`` temporary folder holding a locked marker file; at start the folders of
+servers that did not shut down (kill -9, power loss) are removed, and the log says so. The server speaks plain
+HTTP: bind it to 127.0.0.1 (default) and reach it through an SSH tunnel, or put an HTTPS reverse proxy in front
+of it.
 """
 
+import collections
 import contextlib
+import datetime
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -56,6 +65,11 @@ PARAM_KEYS = {"landmark_lps", "level", "condition", "method", "samples", "seed",
               "model", "disc_center_lps"}
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+#: model names that mean "the method's default model" (pipeline aliases)
+MODEL_ALIASES = ("demo-small", "default")
+ROOT_PREFIX = "spine-ldm-server-"
+ROOT_MARKER = ".spine-ldm-server"
 
 
 class ParamError(ValueError):
@@ -76,8 +90,8 @@ def validate_params(params: Any) -> dict:
 
     def vec(key):
         v = out[key]
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-            raise ParamError(f"{key} must be a list of 3 numbers (LPS mm), got {v!r}")
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_finite(x) for x in v)):
+            raise ParamError(f"{key} must be a list of 3 numbers (finite, LPS mm), got {v!r}")
         out[key] = [float(x) for x in v]
 
     vec("landmark_lps")
@@ -90,8 +104,8 @@ def validate_params(params: Any) -> dict:
     for key in ("samples", "seed", "steps"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
             raise ParamError(f"{key} must be an integer, got {out[key]!r}")
-    if "sigma_mm" in out and not isinstance(out["sigma_mm"], (int, float)):
-        raise ParamError(f"sigma_mm must be a number, got {out['sigma_mm']!r}")
+    if "sigma_mm" in out and not _finite(out["sigma_mm"]):
+        raise ParamError(f"sigma_mm must be a finite number, got {out['sigma_mm']!r}")
     if out.get("model") is not None and (not isinstance(out["model"], str) or not _MODEL_ID.match(out["model"])):
         raise ParamError(f"model must be a registry id (letters, digits, '.', '_', '-'), got {out['model']!r}")
     if "device" in out and (not isinstance(out["device"], str) or not _DEVICES.match(out["device"])):
@@ -99,6 +113,26 @@ def validate_params(params: Any) -> dict:
     if "method" in out and out["method"] not in ("weighted", "masked", "repaint"):
         raise ParamError(f"method must be weighted, masked or repaint, got {out['method']!r}")
     return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_params(text: str) -> dict:
+    """``params`` JSON -> checked dict. NaN / Infinity are refused already by the parser (JSON has no such
+    numbers; Python's json would accept them and the job status could then never be serialised)."""
+    def no_constant(name):
+        raise ParamError(f"{name} is not a JSON number; numbers must be finite")
+
+    return validate_params(json.loads(text, parse_constant=no_constant))
+
+
+def registered_model_ids(registry) -> set:
+    """Ids a client may name as ``model``: the registry's entries and the default-model aliases."""
+    from . import registry as reg
+
+    return {e.id for e in reg.list_models(registry)} | set(MODEL_ALIASES)
 
 
 # ---------------------------------------------------------------------------------------------------------- jobs
@@ -150,7 +184,18 @@ class JobManager:
     def __init__(self, runner: Optional[Callable] = None, registry=None, root: Optional[str] = None):
         self.runner = runner or _default_runner
         self.registry = registry
-        self.root = root or tempfile.mkdtemp(prefix="spine-ldm-server-")
+        self.instance = secrets.token_hex(4)  # job ids start with it: ids of an earlier process are recognisable
+        self.started = time.time()
+        self.forgotten: "collections.deque[str]" = collections.deque(maxlen=4096)
+        self._marker = None
+        self.stale_removed: list[str] = []
+        if root is None:
+            self.stale_removed = clean_stale_roots()
+            if self.stale_removed:
+                log.warning("removed %d stale upload folder(s) left by a server that did not shut down cleanly "
+                            "(killed?): %s", len(self.stale_removed), ", ".join(self.stale_removed))
+            root, self._marker = make_root()
+        self.root = root
         self.jobs: dict[str, Job] = {}
         self.order: list[str] = []
         self.lock = threading.Lock()
@@ -160,7 +205,7 @@ class JobManager:
 
     # -- API
     def new_workdir(self) -> tuple[str, str]:
-        jid = uuid.uuid4().hex
+        jid = self.instance + uuid.uuid4().hex[: 32 - len(self.instance)]
         wd = os.path.join(self.root, jid)
         os.makedirs(wd)
         return jid, wd
@@ -215,6 +260,19 @@ class JobManager:
         self.queue.put(None)
         self.worker.join(timeout=5)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._marker is not None:
+            self._marker.close()
+
+    def unknown_job_message(self, jid: str) -> str:
+        """Why ``jid`` is not (or no longer) here: the queue lives in memory, so say which case applies."""
+        if _JOB_ID.match(jid) and not jid.startswith(self.instance):
+            since = datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).isoformat(timespec="seconds")
+            return (f"unknown job {jid!r}: the server was restarted at {since} and keeps jobs in memory only, so jobs "
+                    "submitted before the restart are lost; submit it again")
+        if jid in self.forgotten:
+            return (f"job {jid!r} is gone: it was deleted, or it finished more than {RESULT_TTL_S / 60:.0f} min ago "
+                    f"or before {MAX_FINISHED} newer jobs")
+        return f"no job {jid!r} on this server"
 
     # -- internals
     def _finish(self, job: Job, status: str, error: Optional[dict] = None) -> None:
@@ -226,6 +284,7 @@ class JobManager:
 
     def _forget(self, jid: str) -> None:
         job = self.jobs.pop(jid, None)
+        self.forgotten.append(jid)
         if jid in self.order:
             self.order.remove(jid)
         if job is not None:
@@ -256,7 +315,7 @@ class JobManager:
                 self._prune()
 
     def _run(self, job: Job) -> None:
-        from .pipeline import write_outputs
+        from .pipeline import check_outputs, write_outputs
 
         def progress(step, total):
             job.step, job.of, job.stage = int(step), int(total), "sample"
@@ -264,12 +323,14 @@ class JobManager:
         kwargs = dict(job.params)
         landmark = kwargs.pop("landmark_lps")
         level, condition = kwargs.pop("level"), kwargs.pop("condition")
+        out = os.path.join(job.workdir, "sample.nrrd")
         try:
+            check_outputs(out, int(kwargs.get("samples", 1)), inputs=[job.input_path])
             result = self.runner(job.input_path, landmark, level, condition, progress=progress,
                                  cancel=job.cancel_event.is_set, registry=self.registry, **kwargs)
             if job.cancel_event.is_set():
                 raise CancelledError("cancelled by the client")
-            paths = write_outputs(result, os.path.join(job.workdir, "sample.nrrd"))
+            paths = write_outputs(result, out, inputs=[job.input_path], cancel=job.cancel_event.is_set)
         except CancelledError:
             with self.lock:
                 self._finish(job, "cancelled")
@@ -297,6 +358,63 @@ class JobManager:
             self._finish(job, "done")
 
 
+def make_root() -> tuple[str, Any]:
+    """A new upload folder ``<tmp>/spine-ldm-server-*`` with the marker file ``.spine-ldm-server`` locked (flock)
+    for the life of this process: the lock is what tells a live server's folder from a stale one. The marker is
+    created and locked under a temporary name, then renamed, so a marker is never seen unlocked while its server
+    lives. Returns (folder, open marker file: keep it open)."""
+    root = tempfile.mkdtemp(prefix=ROOT_PREFIX)
+    tmp = os.path.join(root, ROOT_MARKER + ".new")
+    fh = open(tmp, "w", encoding="utf-8")
+    _try_lock(fh)
+    fh.write(json.dumps({"pid": os.getpid(), "started": time.time(), "by": "spine-ldm serve"}) + "\n")
+    fh.flush()
+    os.replace(tmp, os.path.join(root, ROOT_MARKER))
+    return root, fh
+
+
+def _try_lock(fh) -> bool:
+    """Non-blocking exclusive lock; False when another open file (a live server) holds it or locks are
+    unavailable (then nothing is ever treated as stale)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no stale-folder cleaning
+        return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def clean_stale_roots(base: Optional[str] = None) -> list[str]:
+    """Remove the upload folders of servers that are gone: only ``spine-ldm-server-*`` folders (owned by this user,
+    not symlinks) holding a marker file that no live process has locked. Folders without a marker (not ours, or
+    from an older version) are left alone. Returns the removed paths."""
+    base = base or tempfile.gettempdir()
+    removed = []
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return removed
+    for name in names:
+        d = os.path.join(base, name)
+        marker = os.path.join(d, ROOT_MARKER)
+        if not name.startswith(ROOT_PREFIX) or os.path.islink(d) or not os.path.isfile(marker):
+            continue
+        try:
+            if hasattr(os, "getuid") and os.stat(d).st_uid != os.getuid():
+                continue
+            fh = open(marker, "r+", encoding="utf-8")
+        except OSError:
+            continue
+        with fh:
+            if _try_lock(fh):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -308,12 +426,17 @@ class _TooLarge(Exception):
 
 
 class SizeLimitMiddleware:
-    """413 for bodies over the limit: on Content-Length up front, and while streaming (chunked uploads)."""
+    """413 for bodies over the limit: on Content-Length up front, and while streaming (chunked uploads: the body
+    is counted as it arrives and the request is refused at the first byte over the limit, never read whole).
+    Also used by the reader-study app (``max_bytes``, its own ``hint``)."""
 
-    def __init__(self, app, max_mb: float):
+    def __init__(self, app, max_mb: float = 512, max_bytes: Optional[int] = None,
+                 hint: str = "server option --max-request-mb"):
         self.app = app
-        self.max_mb = float(max_mb)
-        self.max_bytes = int(self.max_mb * 2 ** 20)
+        self.max_bytes = int(max_bytes) if max_bytes is not None else int(float(max_mb) * 2 ** 20)
+        self.max_mb = self.max_bytes / 2 ** 20 if max_bytes is not None else float(max_mb)
+        self.in_mb = max_bytes is None  # messages in the unit the limit was given in
+        self.hint = hint
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -352,8 +475,10 @@ class SizeLimitMiddleware:
 
     async def _reject(self, send, size, status=413, message=None):
         if message is None:
-            got = f"{size / 2 ** 20:.3g} MB" if size is not None else "more"
-            message = f"request body too large: {got} > limit {self.max_mb:g} MB (server option --max-request-mb)"
+            mb = self.in_mb
+            got = "more" if size is None else f"{size / 2 ** 20:.3g} MB" if mb else f"{size} bytes"
+            limit = f"{self.max_mb:g} MB" if mb else f"{self.max_bytes} bytes"
+            message = f"request body too large: {got} > limit {limit}" + (f" ({self.hint})" if self.hint else "")
         body = json.dumps({"detail": message}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -383,6 +508,8 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse, JSONResponse
 
+    from .io import check_volume_file
+
     if not token:
         raise ValueError("create_app needs a non-empty token")
     try:  # multipart uploads (POST /jobs) need it; fail at start-up, not on the first job
@@ -400,7 +527,10 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
         yield
         manager.shutdown()
 
-    app = FastAPI(title="SpineInpaint backend", version=__version__, lifespan=lifespan,
+    # no /docs, /redoc, /openapi.json: every route but /health needs the token (the contract is in the module
+    # docstring and DEVELOPERS.md)
+    app = FastAPI(title="SpineInpaint backend", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None,
                   description="Inpaint lumbar-spine pathology into sagittal T2 MRI (spine_ldm).")
     app.state.manager = manager
     app.add_middleware(SizeLimitMiddleware, max_mb=float(max_request_mb))
@@ -441,9 +571,14 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
             if hasattr(params_text, "read"):
                 params_text = (await params_text.read()).decode("utf-8")
             try:
-                params = validate_params(json.loads(params_text))
+                params = parse_params(params_text)
+                if params.get("model") is not None and params["model"] not in registered_model_ids(registry):
+                    raise ParamError(f"model {params['model']!r} is not a registered model id (GET /models lists "
+                                     "them)")
             except ValueError as e:  # JSON errors and ParamError
                 raise HTTPException(status_code=422, detail=f"invalid params: {_one_line(e)}")
+            except SpineLDMError as e:  # the registry itself is broken
+                raise HTTPException(status_code=500, detail=_one_line(e))
             filename = os.path.basename(upload.filename or "input.nrrd").lower()
             suffix = next((s for s in ALLOWED_SUFFIXES if filename.endswith(s)), ".nrrd")
             if suffix in (".nhdr", ".mhd"):
@@ -457,6 +592,11 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
                     if not chunk:
                         break
                     f.write(chunk)
+            try:  # header only: a volume over the voxel limit or shorter than it claims never reaches a job
+                check_volume_file(input_path)
+            except SpineLDMError as e:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise HTTPException(status_code=422, detail=f"invalid image: {_one_line(e)}")
         finally:
             await form.close()
         try:
@@ -469,8 +609,7 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
     def _job(jid: str) -> Job:
         job = manager.get(jid)
         if job is None:
-            raise HTTPException(status_code=404, detail=f"no job {jid!r} (finished jobs are kept "
-                                                        f"{RESULT_TTL_S / 60:.0f} min)")
+            raise HTTPException(status_code=404, detail=manager.unknown_job_message(jid))
         return job
 
     @app.get("/jobs/{jid}", dependencies=auth)
@@ -493,7 +632,7 @@ def create_app(token: str, registry=None, max_request_mb: float = 512, runner: O
     def cancel(jid: str):
         state = manager.cancel(jid)
         if state is None:
-            raise HTTPException(status_code=404, detail=f"no job {jid!r}")
+            raise HTTPException(status_code=404, detail=manager.unknown_job_message(jid))
         return {"id": jid, "status": state}
 
     @app.exception_handler(SpineLDMError)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from ..server import SizeLimitMiddleware
 from .blind import is_case_id
 from .engine import Study
 
@@ -55,16 +56,15 @@ def create_app(study_dir):
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
-        if request.method == "POST":
-            n = request.headers.get("content-length")
-            if n is not None and (not n.isdigit() or int(n) > MAX_BODY):
-                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
         resp = await call_next(request)
         for k, v in _SECURITY_HEADERS.items():
             resp.headers.setdefault(k, v)
         if request.url.path.startswith("/api/"):
             resp.headers["Cache-Control"] = "no-store"
         return resp
+
+    # outermost (added last): the body limit holds for Content-Length and for streamed (chunked) bodies alike
+    app.add_middleware(SizeLimitMiddleware, max_bytes=MAX_BODY, hint="")
 
     def session_for(request: Request):
         auth = request.headers.get("authorization", "")
