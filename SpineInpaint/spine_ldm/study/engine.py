@@ -6,12 +6,14 @@ Study directory layout
 
     STUDY_DIR/
       study.json            public part: questions + anonymous cases (format "spine-ldm-reader-study", version 1)
-      volumes/<id>.nrrd     anonymized volumes (float32, geometry only, landmark at 0,0,0 mm LPS)
+      volumes/<id>.nrrd     anonymized volumes (float32, geometry only, landmark at 0,0,0 mm LPS; with the
+                            default fov every case on one canonical grid, see blind.py)
       answers.sqlite        answer store (see store.py); reader tokens are stored hashed
       organizer/truth.json  hidden key: truth, method, source path, provenance (never served; move it away
                             before handing the folder to a reader who uses the Slicer panel)
 
-``study.json`` may also be written as YAML (``study.yaml``); both load the same way.
+``study.json`` may also be written as YAML (``study.yaml``); both load the same way. Folders are created
+700 and files 600 (owner only).
 
 Truth categories: ``inpainted`` (with ``method`` in weighted / masked / repaint), ``real_pathological``,
 ``real_healthy``. Every case carries the ``condition`` that the reader is asked about: for inpainted cases
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import glob as _glob
+import hashlib
 import json
 import random
 import re
@@ -36,8 +39,8 @@ import SimpleITK as sitk
 from ..conditions import CONDITION_LABELS, LEVELS, parse_condition, parse_level
 from ..errors import InputError
 from .blind import (PAPER_FSU_SHAPE, PAPER_FSU_SIZE_MM, anonymize_image, crop_fov, new_case_id, public_case,
-                    write_anonymous)
-from .store import AnswerStore, Reader
+                    view_origin, write_anonymous)
+from .store import AnswerStore, Reader, private_dir, write_private_text
 
 STUDY_FORMAT = "spine-ldm-reader-study"
 TRUTH_FORMAT = "spine-ldm-reader-study-truth"
@@ -460,8 +463,8 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
         raise InputError("the study would have no cases (check --inpainted / --real-manifest / --mix)")
     asked = sorted({c["condition"] for c in chosen if c["condition"] != "none"}) or ["dh_moderate_large"]
     warnings = same_scan_warnings(chosen)
-    out.mkdir(parents=True, exist_ok=True)
-    vol_dir = out / "volumes"
+    private_dir(out)
+    vol_dir = private_dir(out / "volumes")
     taken: set[str] = set()
     cases, truth = [], {}
     rng.shuffle(chosen)  # file-creation order must not follow the source order either
@@ -472,9 +475,12 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
         if src["truth"] == "real_healthy":
             ask = src.get("ask_condition") or rng.choice(asked)
         img = sitk.ReadImage(src["path"])
-        centre = src.get("disc_center_lps") or src["landmark_lps"]
+        # one rule for every case, real or inpainted, with or without a disc centre: the view is centred on the
+        # landmark on the canonical grid, so no header field and no landmark position tells them apart
+        centre = src["landmark_lps"]
         shown = crop_fov(img, centre, fov, fsu_shape, fsu_size_mm)
-        write_anonymous(anonymize_image(shown, src["landmark_lps"]), vol_dir, cid)
+        origin = view_origin(fsu_shape, fsu_size_mm) if fov == "fsu" else None
+        write_anonymous(anonymize_image(shown, src["landmark_lps"], origin=origin), vol_dir, cid)
         cases.append({"case_id": cid, "level": src["level"], "condition": ask, "landmark_lps": [0.0, 0.0, 0.0],
                       "volume": f"volumes/{cid}.nrrd"})
         truth[cid] = {"truth": src["truth"], "method": src.get("method"), "true_condition": src["condition"],
@@ -489,37 +495,87 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
             "questions": validate_questions(questions or [dict(q) for q in DEFAULT_QUESTIONS]),
             "nav_keys": NAV_KEYS, "cases": cases}
     tp = Path(truth_out) if truth_out else out / "organizer" / "truth.json"
-    tp.parent.mkdir(parents=True, exist_ok=True)
-    tp.write_text(json.dumps({"format": TRUTH_FORMAT, "version": STUDY_VERSION, "seed": int(seed), "mix": mixd,
-                              "warnings": warnings, "cases": truth}, indent=1), encoding="utf-8")
-    (out / "study.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    private_dir(tp.parent)
+    write_private_text(tp, json.dumps({"format": TRUTH_FORMAT, "version": STUDY_VERSION, "seed": int(seed),
+                                       "mix": mixd, "warnings": warnings, "cases": truth}, indent=1))
+    write_private_text(out / "study.json", json.dumps(data, indent=1))
     study = Study.load(out)
     study.store  # create answers.sqlite now
     study.warnings = warnings
     return study
 
 
-def _input_name(src: dict) -> str | None:
-    v = (src.get("provenance") or {}).get("input")
-    if not v:
-        return None
+def _grid_key(path: str) -> tuple:
+    """Size, spacing, origin, direction and pixel type from the header (an inpainting output keeps its input's)."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    r.ReadImageInformation()
+    return (r.GetSize(), tuple(round(v, 6) for v in r.GetSpacing()), tuple(round(v, 4) for v in r.GetOrigin()),
+            tuple(round(v, 6) for v in r.GetDirection()), r.GetPixelID(), r.GetNumberOfComponents())
+
+
+def _sigma(case: dict) -> float:
     try:
-        v = json.loads(v)
-    except (ValueError, TypeError):
-        pass
-    return Path(str(v)).name if v and not str(v).startswith("<") else None
+        return float(json.loads(str((case.get("provenance") or {}).get("sigma_mm", 16.0))))
+    except (TypeError, ValueError):
+        return 16.0
+
+
+#: paste-back leaves every voxel whose Gaussian weight is below this bit-identical (pipeline.PASTE_THRESHOLD)
+_UNTOUCHED_W = 1e-3
 
 
 def same_scan_warnings(cases: list[dict]) -> list[str]:
-    """Warnings for inpainted cases whose input scan (provenance ``input``, a file name) is also shown as a real
-    case: a reader who sees the same anatomy twice can tell which one was edited."""
-    real = {Path(c["path"]).name: c for c in cases if c["truth"] != "inpainted"}
+    """Warnings for scans a reader would see twice, found by content (file names prove nothing: different scans
+    share names like ``t2.nrrd``, and a renamed copy is the same scan):
+
+    - an inpainted case made from a scan that is also a real case: the same grid (size, spacing, origin,
+      direction, pixel type) and bit-identical voxels wherever the inpainting weight is below 1e-3 (the pipeline
+      guarantees those are untouched), compared on the voxels themselves, ignoring voxels that are 0 in both
+      (background). When less than 1000 such voxels exist (a volume hardly larger than the inpainted region),
+      at least half of all non-background voxels must be identical;
+    - two real cases with identical voxels and grid (sha256 of both).
+    """
+    from ..weighting import gaussian_weight
+
+    real = [c for c in cases if c["truth"] != "inpainted"]
+    inpainted = [c for c in cases if c["truth"] == "inpainted"]
+    grid = {c["path"]: _grid_key(c["path"]) for c in cases}
+    arrays: dict[str, np.ndarray] = {}
+
+    def voxels(path: str) -> np.ndarray:
+        if path not in arrays:
+            arrays[path] = sitk.GetArrayFromImage(sitk.ReadImage(path))
+        return arrays[path]
+
     out = []
-    for c in cases:
-        name = _input_name(c)
-        if c["truth"] == "inpainted" and name and name in real:
-            out.append(f"inpainted {Path(c['path']).name} was made from {name}, which is also in the study as a real "
-                       "case: readers may recognise the scan")
+    seen: dict[str, str] = {}
+    for c in real:
+        h = hashlib.sha256(repr(grid[c["path"]]).encode() + np.ascontiguousarray(voxels(c["path"])).tobytes())
+        digest = h.hexdigest()
+        if digest in seen and seen[digest] != c["path"]:
+            out.append(f"real cases {Path(seen[digest]).name} and {Path(c['path']).name} are the same scan (identical "
+                       "voxels): readers see it twice")
+        seen.setdefault(digest, c["path"])
+    for c in inpainted:
+        same_grid = [r for r in real if grid[r["path"]] == grid[c["path"]]]
+        if not same_grid:
+            continue
+        img = sitk.ReadImage(c["path"])
+        a = sitk.GetArrayViewFromImage(img)
+        far = gaussian_weight(img, c["landmark_lps"], _sigma(c)) < _UNTOUCHED_W
+        for r in same_grid:
+            b = voxels(r["path"])
+            scan = (a != 0) | (b != 0)
+            untouched = far & scan
+            if untouched.sum() >= 1000:
+                same = bool(np.array_equal(a[untouched], b[untouched]))
+            else:
+                same = scan.any() and np.count_nonzero(a[scan] == b[scan]) >= 0.5 * np.count_nonzero(scan)
+            if same:
+                out.append(f"inpainted {Path(c['path']).name} was made from the scan {Path(r['path']).name}, which is "
+                           "also in the study as a real case (identical voxels away from the landmark): readers may "
+                           "recognise the scan")
     return out
 
 

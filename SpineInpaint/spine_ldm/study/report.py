@@ -5,6 +5,10 @@ per asked condition, per FSU level (and all levels): number of cases, number of 
 last answer wins), % rated realistic and % rated "pathology present", each with a Wilson 95% interval.
 Agreement between readers: Cohen's kappa for 2 readers, Fleiss' kappa for 3 or more, on the cases that
 every reader answered.
+
+Every CSV written here is spreadsheet-safe: a text cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return (a reader's comment such as ``=HYPERLINK(...)``) is prefixed with ``'`` so that Excel /
+LibreOffice show it as text instead of running it as a formula. JSONL exports keep the text unchanged.
 """
 from __future__ import annotations
 
@@ -68,6 +72,25 @@ def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float:
     p_j = [sum(r[j] for r in rows) / (N * n) for j in range(len(rows[0]))]
     pe = sum(p * p for p in p_j)
     return math.nan if pe >= 1.0 else (p_bar - pe) / (1 - pe)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """``value`` unless it is text a spreadsheet would run as a formula (starts with = + - @ tab CR): then
+    ``'`` + value (OWASP CSV-injection advice). Numbers, None and booleans are returned unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(path: Path, fields: list, rows: list[dict]) -> None:
+    """CSV with a header row; every cell passed through :func:`spreadsheet_safe`."""
+    with Path(path).open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in rows)
 
 
 def _median(xs):
@@ -235,17 +258,8 @@ def make_report(study_dir: str | Path, out_dir: str | Path, truth_path: str | Pa
     agree = agreement(ratings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if rows:
-        with (out / "table2.csv").open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        (out / "table2.csv").write_text("group,condition,level,cases,ratings\n", encoding="utf-8")
-    with (out / "agreement.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["question", "statistic", "readers", "cases", "kappa"])
-        w.writeheader()
-        w.writerows(agree)
+    write_csv(out / "table2.csv", list(rows[0]) if rows else ["group", "condition", "level", "cases", "ratings"], rows)
+    write_csv(out / "agreement.csv", ["question", "statistic", "readers", "cases", "kappa"], agree)
     write_ratings_csv(ratings, out / "ratings.csv")
     write_markdown(rows, agree, study, out / "table2.md")
     if plot and rows:
@@ -259,10 +273,7 @@ def make_report(study_dir: str | Path, out_dir: str | Path, truth_path: str | Pa
 def write_ratings_csv(ratings: list[dict], path: Path) -> None:
     fields = ["reader", "case_id", "level", "condition", "truth", "method", "realistic", "pathology_present",
               "confidence", "seconds", "complete"]
-    with Path(path).open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(ratings)
+    write_csv(path, fields, ratings)
 
 
 def export_answers(study_dir: str | Path, out_path: str | Path, history: bool = False,
@@ -288,10 +299,7 @@ def export_answers(study_dir: str | Path, out_path: str | Path, history: bool = 
     if p.suffix.lower() == ".csv":
         fields = list(rows[0]) if rows else ["row_id", "reader", "case_id", "level", "condition", *qids, "complete",
                                              "seconds", "client", "created"]
-        with p.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(p, fields, rows)
     elif p.suffix.lower() in (".jsonl", ".json"):
         with p.open("w", encoding="utf-8") as fh:
             for r in rows:

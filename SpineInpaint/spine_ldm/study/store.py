@@ -12,6 +12,9 @@ Design
   on it, so one reader can never see or change another reader's answers.
 - Organizer-only functions (``all_latest``, ``export_rows``) are not reachable from a
   reader token; the web app never calls them.
+- Private files: the database is created 600 (SQLite gives its ``-wal`` / ``-shm`` files the same
+  mode); :func:`private_dir` and :func:`write_private_text` create the study's folders 700 and
+  files 600 (answers, tokens' hashes and the truth key are nobody else's business).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -58,6 +62,31 @@ CREATE TABLE IF NOT EXISTS views (
 );
 CREATE INDEX IF NOT EXISTS views_reader_case ON views(reader_id, case_id, row_id);
 """
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and missing parents) readable by the owner only (700); an existing folder keeps its mode."""
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_private_text(path: str | Path, text: str) -> Path:
+    """Write a text file readable and writable by the owner only (600), also when it already existed."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)
+        fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        fh.write(text)
+    return path
 
 
 def _now() -> str:
@@ -100,7 +129,12 @@ class AnswerStore:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise InputError(f"answer store {self.path} does not exist; create the study first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        if not self.path.exists():  # 600 from the start; SQLite creates -wal / -shm with the same mode
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
         self._local = threading.local()
         con = self._con()
         with con:
