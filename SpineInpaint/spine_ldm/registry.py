@@ -214,12 +214,24 @@ def read_registry(path: str | os.PathLike, missing_ok: bool = True) -> list[Mode
     return entries
 
 
+def _other_sections(path: Path) -> dict:
+    """Top-level sections of an existing registry file other than ``version`` / ``models`` (e.g. the benchmark's
+    ``readers``: ``model_training.benchmark.readers``), kept when the file is rewritten."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in old.items() if k not in ("version", "models")} if isinstance(old, dict) else {}
+
+
 def write_registry(path: str | os.PathLike, entries: list[ModelEntry]) -> None:
-    """Write a registry atomically (paths relative to its folder where possible)."""
+    """Write a registry atomically (paths relative to its folder where possible; other top-level sections of an
+    existing file are kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
-    data = {"version": REGISTRY_VERSION, "models": [e.to_json(relative_to=base) for e in entries]}
+    data = {"version": REGISTRY_VERSION, "models": [e.to_json(relative_to=base) for e in entries],
+            **_other_sections(path)}
     fd, tmp = tempfile.mkstemp(prefix=".Models.", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
