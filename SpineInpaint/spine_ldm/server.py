@@ -697,6 +697,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None
     app = create_app(token, registry=registry, max_request_mb=max_request_mb)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="info"))
     sock = server.config.bind_socket()  # bound before announcing: the port is taken, port 0 is resolved
+    sock.listen(server.config.backlog)  # connections made before the app finished starting wait, not fail
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     sys.stdout.write(json.dumps({"event": "listening", "host": host, "port": bound,
