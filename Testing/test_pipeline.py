@@ -261,3 +261,104 @@ def test_peak_memory_reports_something():
     with PeakMemory("cpu") as pm:
         x = np.ones((256, 256, 64), np.float32).sum()
     assert x > 0 and pm.mb > 10 and pm.kind == "process_rss_peak" and pm.seconds >= 0
+
+
+def test_paste_modes_compose_the_output_from_the_fsus(case, registry, weighted2):
+    """Default "change": out = input + W (decoded - reconstruction of the input); "blend": W decoded + (1 - W) input.
+    Both are exactly geometry.paste_back of the result's FSUs; the provenance names the mode."""
+    from spine_ldm import geometry
+
+    img, lm, disc = case
+    res, _, _ = weighted2
+    assert res.provenance["paste_mode"] == "change"
+    kw = dict(threshold=pipeline.PASTE_THRESHOLD, edge_taper_mm=pipeline.EDGE_TAPER_MM)
+    sigma = res.provenance["sigma_mm"]
+    change = geometry.paste_back(img, res.fsu_outputs[0], lm, sigma, reference_fsu=res.fsu_reconstruction, **kw)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(change), sitk.GetArrayFromImage(res.outputs[0]))
+    blend = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", samples=2, seed=3, steps=STEPS, device="cpu",
+                             disc_center_lps=disc, registry=registry, paste_mode="blend")
+    assert blend.provenance["paste_mode"] == "blend"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(blend.fsu_outputs[0]),
+                                  sitk.GetArrayFromImage(res.fsu_outputs[0]))  # same samples, other composition
+    expect = geometry.paste_back(img, res.fsu_outputs[0], lm, sigma, **kw)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(blend.outputs[0]), sitk.GetArrayFromImage(expect))
+    assert np.abs(sitk.GetArrayFromImage(blend.outputs[0]).astype(float)
+                  - sitk.GetArrayFromImage(res.outputs[0])).max() > 1.0
+    with pytest.raises(InputError, match="unknown paste mode 'mix'"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_small", steps=STEPS, device="cpu", disc_center_lps=disc,
+                         registry=registry, paste_mode="mix")
+
+
+def test_reconstruct_uses_the_inpaint_frame(case, registry, weighted2):
+    img, lm, disc = case
+    res, _, _ = weighted2
+    fsu, recon = pipeline.reconstruct(img, lm, "dh_moderate_large", disc_center_lps=disc, device="cpu",
+                                      registry=registry)
+    for a, b in ((fsu, res.fsu_input), (recon, res.fsu_reconstruction)):
+        _assert_same_grid(a, b)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), rtol=1e-5, atol=1e-3)
+
+
+def _registry_with(tmp_path, registry, edit):
+    """A copy of the test registry (same weight files) with ``edit(models_list)`` applied."""
+    import shutil
+
+    shutil.copytree(registry.parent / "Models", tmp_path / "Models")
+    d = json.loads(registry.read_text())
+    edit(d["models"])
+    out = tmp_path / "Models.json"
+    out.write_text(json.dumps(d))
+    return out
+
+
+def test_sigma_and_roi_default_to_the_models_training_values(case, registry, tmp_path):
+    img, lm, disc = case
+
+    def edit(models):
+        for m in models:
+            m["training"] = {"sigma_mm": 12.0, "roi_threshold": 0.2, "conditions": ["dh_moderate_large"]}
+
+    reg2 = _registry_with(tmp_path, registry, edit)
+    kw = dict(steps=STEPS, device="cpu", disc_center_lps=disc, registry=reg2)
+    res = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", **kw)
+    assert res.provenance["sigma_mm"] == 12.0
+    np.testing.assert_allclose(res.latent_weight.max(), 1.0, atol=0.1)
+    masked = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", method="masked", **kw)
+    assert masked.provenance["roi_threshold"] == 0.2
+    pipeline._SIGMA_WARNED.clear()
+    with pytest.warns(UserWarning, match="sigma 16 mm differs from the 12 mm model 'demo-small-weighted'"):
+        r16 = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", sigma_mm=16, **kw)
+    assert r16.provenance["sigma_mm"] == 16.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second call is silent
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", sigma_mm=16, **kw)
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", sigma_mm=12, **kw)  # equal: no warning
+
+
+def test_default_model_is_chosen_per_condition(case, registry, tmp_path):
+    """Per-pathology models (the paper): entries flagged default with training.conditions; the pipeline picks the
+    one whose conditions include the requested condition."""
+    img, lm, disc = case
+
+    def edit(models):
+        extra = []
+        for m in models:
+            m["default"] = True
+            m["training"] = {"conditions": ["dh_small", "dh_moderate_large"]}
+            ccs = json.loads(json.dumps(m))
+            ccs["id"] = m["id"] + "-ccs"
+            ccs["training"] = {"conditions": ["ccs_moderate", "ccs_severe"]}
+            extra.append(ccs)
+        models.extend(extra)
+
+    reg2 = _registry_with(tmp_path, registry, edit)
+    assert pipeline.default_model_for("weighted", "dh_small", reg2) == "demo-small-weighted"
+    assert pipeline.default_model_for("repaint", "ccs_severe", reg2) == "demo-small-full-ccs"
+    res = pipeline.inpaint(img, lm, "L4-L5", "ccs_moderate", method="masked", steps=STEPS, device="cpu",
+                           disc_center_lps=disc, registry=reg2)
+    assert res.provenance["model_id"] == "demo-small-masked-ccs"
+    fsu, _ = pipeline.reconstruct(img, lm, "ccs_severe", disc_center_lps=disc, device="cpu", registry=reg2)
+    with pytest.raises(ModelError, match="no default weighted model for condition 'none'"):
+        pipeline.default_model_for("weighted", "none", reg2)

@@ -43,14 +43,15 @@ def test_abar_convention_matches_monai_shifted(sched):
 
 
 def test_timesteps_grid(sched):
-    ts = sched.timesteps(50)
+    ts = sched.timesteps(50, spacing="trailing")
     assert ts[:3] == [1000, 980, 960] and ts[-2:] == [20, 0] and len(ts) == 51
-    ts30 = sched.timesteps(30)
+    ts30 = sched.timesteps(30, spacing="trailing")
     assert ts30[0] == 1000 and ts30[-1] == 0 and len(ts30) == 31
     assert all(a > b for a, b in zip(ts30[:-1], ts30[1:]))
     assert ts30[:4] == [1000, 967, 933, 900]
-    assert sched.timesteps(1000) == list(range(1000, -1, -1))
-    lead = sched.timesteps(50, spacing="leading")
+    assert sched.timesteps(1000, spacing="trailing") == list(range(1000, -1, -1))
+    assert sched.timesteps(1000) == list(range(1000, 0, -1)) + [0]
+    lead = sched.timesteps(50)  # default: leading (the LDM / MONAI PNDM grid)
     assert lead[:2] == [981, 961] and lead[-3:] == [21, 1, 0] and len(lead) == 51
     with pytest.raises(InputError, match="steps"):
         sched.timesteps(0)

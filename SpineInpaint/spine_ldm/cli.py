@@ -170,7 +170,7 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
     from .device import describe, select_device
 
     dev = select_device(args.device)
-    model = args.model or pipeline.default_model_for(args.method)
+    model = args.model or pipeline.default_model_for(args.method, condition, args.registry)
     em.event(event="start", device=str(dev), device_name=describe(dev), samples=args.samples, steps=args.steps,
              method=args.method, model=model, version=__version__)
     em.info(f"spine-ldm {__version__}: {args.method} inpainting of {condition} at {level} on {describe(dev)} "
@@ -179,7 +179,8 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
                               seed=args.seed, steps=args.steps, sigma_mm=args.sigma_mm, device=dev, model=model,
                               disc_center_lps=disc, progress=lambda s, t: em.progress(s, t, "sample"),
                               registry=args.registry, edge_taper_mm=args.edge_taper_mm,
-                              repaint_jump=args.repaint_jump, repaint_resample=args.repaint_resample)
+                              repaint_jump=args.repaint_jump, repaint_resample=args.repaint_resample,
+                              paste_mode=args.paste_mode)
     with _interrupts_deferred() as interrupted:
         paths = pipeline.write_outputs(result, out, inputs=[args.image], cancel=interrupted.is_set)
         em.event(event="done", outputs=[str(p) for p in paths], nfe=result.nfe, seconds=round(result.seconds, 3),
@@ -310,15 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=1, help="number of variants K (one batch)")
     q.add_argument("--seed", type=int, default=0, help="sample k (1-based) uses seed+k-1")
     q.add_argument("--steps", type=int, default=50, help="PLMS steps (51 network evaluations for 50)")
-    q.add_argument("--sigma-mm", type=float, default=16.0, help="Gaussian weight sigma in mm (paper: 16)")
+    q.add_argument("--sigma-mm", type=float, default=None,
+                   help="Gaussian weight sigma in mm (default: the sigma the model was trained with; paper: 16)")
+    q.add_argument("--paste-mode", choices=("change", "blend"), default="change",
+                   help="change (default): add only the model's change (decoded sample minus the autoencoder's "
+                        "reconstruction of the input) with weight W, so untouched anatomy keeps the scan's detail; "
+                        "blend: the paper's W * decoded + (1 - W) * input")
     q.add_argument("--edge-taper-mm", type=float, default=5.0,
                    help="paste-back weight ramps to 0 over this distance inside the FSU faces (0: plain W)")
     q.add_argument("--repaint-jump", type=int, default=10, help="RePaint jump length (default 10, as in RePaint)")
     q.add_argument("--repaint-resample", type=int, default=10,
                    help="RePaint resamplings per jump (default 10: 410 network evaluations at 50 steps)")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    q.add_argument("--model", default=None, help="registry id, model directory or zip (default: the demo model "
-                                                 "of --method)")
+    q.add_argument("--model", default=None, help="registry id, model directory or zip (default: the registry's "
+                                                 "default model of --method for --condition)")
     q.add_argument("--registry", default=None, help="Models.json to use (default: env SPINE_LDM_REGISTRY or the "
                                                     "bundled one)")
     q.add_argument("--out", required=True, help="output path (.nrrd)")

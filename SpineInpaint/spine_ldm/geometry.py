@@ -332,12 +332,18 @@ def _face_distance_mm(fsu: sitk.Image, grid: sitk.Image) -> np.ndarray:
 
 
 def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, sigma_mm: float,
-               threshold: float = 1e-3, edge_taper_mm: float = 0.0) -> sitk.Image:
+               threshold: float = 1e-3, edge_taper_mm: float = 0.0,
+               reference_fsu: sitk.Image | None = None) -> sitk.Image:
     """Blend an inpainted FSU back into the original volume.
 
     ``out = W * inpainted + (1 - W) * original`` on the original grid, with ``W`` the
     Gaussian around ``landmark_lps`` (:func:`spine_ldm.weighting.gaussian_weight`) and the
-    inpainted FSU resampled linearly onto the original grid. Only voxels with
+    inpainted FSU resampled linearly onto the original grid.
+
+    With ``reference_fsu`` (an image on the same FSU grid, e.g. the autoencoder's reconstruction of the input
+    FSU) only the *change* is added: ``out = original + W * (inpainted - reference)``. Anatomy the model did not
+    change then keeps the scan's own detail (the autoencoder's smoothing cancels), and the pathology is not swamped
+    by the reconstruction error. Only voxels with
     ``W >= threshold`` **and** inside the FSU box are touched; every other voxel is
     bit-identical to the input. Integer outputs are rounded and clipped to the dtype range.
     Origin, spacing, direction and metadata are preserved; ``original`` is never modified.
@@ -350,6 +356,13 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     """
     _require_3d(original, "original volume")
     _require_3d(inpainted_fsu, "inpainted FSU")
+    if reference_fsu is not None:
+        _require_3d(reference_fsu, "reference FSU")
+        if (reference_fsu.GetSize() != inpainted_fsu.GetSize()
+                or not np.allclose(reference_fsu.GetOrigin(), inpainted_fsu.GetOrigin(), atol=1e-4)
+                or not np.allclose(reference_fsu.GetSpacing(), inpainted_fsu.GetSpacing(), atol=1e-6)
+                or not np.allclose(reference_fsu.GetDirection(), inpainted_fsu.GetDirection(), atol=1e-6)):
+            raise InputError("reference FSU must lie on the inpainted FSU's grid (size, origin, spacing, direction)")
     if original.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("original volume must be scalar (1 component per voxel)")
     lm = as_point(landmark_lps, "landmark")
@@ -381,6 +394,9 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
         ref.SetOrigin(original.TransformIndexToPhysicalPoint([int(v) for v in start]))
         inp = sitk.GetArrayFromImage(
             sitk.Resample(inpainted_fsu, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
+        if reference_fsu is not None:
+            inp = inp - sitk.GetArrayFromImage(
+                sitk.Resample(reference_fsu, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
         w = gaussian_weight(ref, lm, sigma_mm).astype(np.float64)
         if edge_taper_mm and edge_taper_mm > 0:
             u = np.clip(_face_distance_mm(inpainted_fsu, ref) / float(edge_taper_mm), 0.0, 1.0)
@@ -393,7 +409,10 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
         block = out_arr[sl]
         orig_vals = block[mask].astype(np.float64)
         wm = w[mask]
-        block[mask] = _cast_like(wm * inp[mask] + (1.0 - wm) * orig_vals, out_arr.dtype)
+        if reference_fsu is None:
+            block[mask] = _cast_like(wm * inp[mask] + (1.0 - wm) * orig_vals, out_arr.dtype)
+        else:
+            block[mask] = _cast_like(orig_vals + wm * inp[mask], out_arr.dtype)
         result = sitk.GetImageFromArray(out_arr)
     result.CopyInformation(original)
     for key in original.GetMetaDataKeys():

@@ -43,7 +43,8 @@ from .conditions import condition_index, level_index, parse_condition, parse_lev
 from .errors import CancelledError, InputError, ModelError
 
 METHODS = ("weighted", "masked", "repaint")
-ROI_THRESHOLD = 0.1          # baselines' region of interest: W > 0.1 (paper)
+ROI_THRESHOLD = 0.1          # baselines' region of interest: W > 0.1 (paper), unless the model records its own
+DEFAULT_SIGMA_MM = 16.0      # Gaussian sigma (paper), unless the model records its training sigma
 PASTE_THRESHOLD = 1e-3       # voxels with W below this are bit-identical to the input
 MAX_SAMPLES = 64
 EDGE_TAPER_MM = 5.0          # paste-back weight ramps to 0 over the last 5 mm inside the FSU faces
@@ -76,11 +77,22 @@ class InpaintResult:
     timings: dict = field(default_factory=dict)
 
 
-def default_model_for(method: str) -> str:
-    from .registry import DEFAULT_MODEL_FOR_METHOD
+def default_model_for(method: str, condition: str | None = None, registry=None) -> str:
+    """The registry's default model id for ``method`` (and ``condition``: models may be trained per pathology)."""
+    from .registry import default_model_id
 
-    m = _check_method(method)
-    return DEFAULT_MODEL_FOR_METHOD[m]
+    return default_model_id(_check_method(method), None if condition is None else parse_condition(condition),
+                            registry)
+
+
+PASTE_MODES = ("change", "blend")
+
+
+def _check_paste_mode(mode: str) -> str:
+    m = str(mode).strip().lower()
+    if m not in PASTE_MODES:
+        raise InputError(f"unknown paste mode {mode!r}; expected one of {', '.join(PASTE_MODES)}")
+    return m
 
 
 def _check_method(method: str) -> str:
@@ -97,20 +109,22 @@ _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 3
 
 
-def load_model(model: str | None, method: str, device, registry=None):
+def load_model(model: str | None, method: str, device, registry=None, condition: str | None = None):
     """``registry.load`` with a small in-process cache (keyed by file paths + sha256s + device).
+
+    ``model`` None (or an alias such as "demo-small") = :func:`default_model_for` ``(method, condition)``.
 
     The sha256 of every file is checked on each call (cheap for the demo sizes); a changed file therefore never
     reuses a stale cached network.
     """
     from . import registry as reg
 
-    mid = default_model_for(method) if model is None or str(model) in _ALIASES else model
+    mid = default_model_for(method, condition, registry) if model is None or str(model) in _ALIASES else model
     entry = reg.resolve(mid, registry)
     need = reg.MODEL_METHOD_FOR[method]
     if entry.method != need:
         raise ModelError(f"model {entry.id!r} was trained for method {entry.method!r}, but --method {method} needs a "
-                         f"{need!r} model (e.g. {reg.DEFAULT_MODEL_FOR_METHOD[method]})")
+                         f"{need!r} model (e.g. {default_model_for(method, condition, registry)})")
     statuses = reg.verify(entry)
     for st in statuses.values():
         if st.status == "missing":
@@ -159,12 +173,93 @@ def _fsu_image(array: np.ndarray, frame: sitk.Image) -> sitk.Image:
     return img
 
 
+#: (model id, sigma) pairs already warned about (an explicit sigma that differs from the model's training sigma)
+_SIGMA_WARNED: set[tuple[str, float]] = set()
+
+
+def _model_sigma_roi(entry, sigma_mm: float | None) -> tuple[float, float]:
+    """(sigma_mm, roi_threshold) for a model: its training values (registry ``training.sigma_mm`` /
+    ``roi_threshold``; 16 mm / 0.1 when not recorded) unless ``sigma_mm`` is given; an explicit sigma that differs
+    from the training sigma warns once per model and value."""
+    import warnings
+
+    from .registry import training_info
+
+    info = training_info(entry)
+    trained = float(info.get("sigma_mm", DEFAULT_SIGMA_MM))
+    roi = float(info.get("roi_threshold", ROI_THRESHOLD))
+    if sigma_mm is None:
+        return trained, roi
+    if abs(float(sigma_mm) - trained) > 1e-6 and (entry.id, float(sigma_mm)) not in _SIGMA_WARNED:
+        _SIGMA_WARNED.add((entry.id, float(sigma_mm)))
+        warnings.warn(f"sigma {float(sigma_mm):g} mm differs from the {trained:g} mm model {entry.id!r} was trained "
+                      f"with; results may be weaker", UserWarning, stacklevel=3)
+    return float(sigma_mm), roi
+
+
+def _input_and_disc(image, landmark, condition, disc_center_lps):
+    """(validated image, its name, disc centre LPS, whether the centre was estimated); both points inside."""
+    from . import geometry
+
+    img, source = _as_image(image)
+    geometry.check_point_inside(img, landmark, "landmark")
+    estimated = disc_center_lps is None
+    disc = _point(geometry.estimate_disc_center(landmark, condition, img) if estimated else disc_center_lps,
+                  "disc centre")
+    if not estimated:
+        geometry.check_point_inside(img, disc, "disc centre")
+    return img, source, disc, estimated
+
+
+def _fsu_around(img, landmark, disc, cfg):
+    """(FSUSpec, FSU image, its float32 array (SI, AP, LR), Normalization fitted on it) for the model config."""
+    from . import geometry
+
+    spec = geometry.FSUSpec(shape=tuple(cfg.fsu_shape), size_mm=tuple(cfg.fsu_size_mm))
+    fsu = geometry.extract_fsu(img, disc, spec)
+    dl = geometry.distance_outside_mm(fsu, landmark)
+    if dl > 0:
+        raise InputError(f"landmark {_fmt(landmark)} LPS lies {dl:.1f} mm outside the FSU around the disc centre "
+                         f"{_fmt(disc)} "
+                         f"(FSU {spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm); give --disc-center "
+                         f"closer to the landmark")
+    fsu_arr = sitk.GetArrayFromImage(fsu)  # (SI, AP, LR) float32
+    return spec, fsu, fsu_arr, geometry.Normalization.fit(fsu_arr)
+
+
+def reconstruct(image: sitk.Image | str | os.PathLike, landmark_lps, condition: str = "none",
+                method: str = "weighted", model: str | None = None, disc_center_lps=None, device: Any = "auto",
+                registry=None) -> tuple[sitk.Image, sitk.Image]:
+    """The autoencoder's reconstruction of the FSU that :func:`inpaint` would use for these arguments.
+
+    Returns ``(fsu_input, fsu_reconstruction)`` on the same FSU frame, normalisation and autoencoder as
+    :func:`inpaint` (input intensities, float32). With a pathological image this is what a perfect diffusion model
+    could at best produce (the benchmark's ceiling).
+    """
+    import torch
+
+    from .device import select_device
+
+    method = _check_method(method)
+    condition = parse_condition(condition)
+    landmark = _point(landmark_lps, "landmark")
+    img, _, disc, _ = _input_and_disc(image, landmark, condition, disc_center_lps)
+    dev = select_device(device)
+    cfg, autoencoder, _, _, _ = load_model(model, method, dev, registry, condition=condition)
+    _, fsu, fsu_arr, norm = _fsu_around(img, landmark, disc, cfg)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.asarray(norm.forward(fsu_arr), dtype=np.float32))[None, None].to(dev)
+        recon = autoencoder.decode(autoencoder.encode(x)).float().cpu().numpy()[0, 0]
+    return fsu, _fsu_image(norm.inverse(recon.astype(np.float64)), fsu)
+
+
 def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, condition: str, method: str = "weighted",
-            samples: int = 1, seed: int = 0, steps: int = 50, sigma_mm: float = 16.0, device: Any = "auto",
+            samples: int = 1, seed: int = 0, steps: int = 50, sigma_mm: float | None = None, device: Any = "auto",
             model: str | None = None, disc_center_lps=None, progress: Callable[[int, int], None] | None = None,
             cancel: Callable[[], bool] | None = None, registry=None, batch_size: int | None = None,
             edge_taper_mm: float = EDGE_TAPER_MM, repaint_jump: int = 10,
-            repaint_resample: int = 10) -> InpaintResult:
+            repaint_resample: int = 10, paste_mode: str = "change",
+            timestep_spacing: str | None = None) -> InpaintResult:
     """Inpaint ``condition`` at ``landmark_lps`` (LPS mm) into ``image``; K = ``samples`` variants.
 
     ``model``: registry id, model directory or zip; ``None`` = the demo model of ``method``
@@ -175,6 +270,12 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     (no seam where the Gaussian is still large at a face; 0 = plain W).
     ``repaint_jump`` / ``repaint_resample``: RePaint's jump length and number of resamplings (defaults 10 / 10 as in
     Lugmayr et al.; 410 network evaluations at 50 steps, 130 with resample 3); ignored by the other methods.
+    ``paste_mode``: ``"change"`` (default) adds only the model's change to the input, ``input + W * (decoded sample
+    - autoencoder reconstruction of the input)``, so anatomy the model did not change keeps the scan's own detail;
+    ``"blend"`` is the paper's ``W * decoded + (1 - W) * input`` (see :func:`geometry.paste_back`).
+    ``sigma_mm`` None = the sigma the model was trained with (registry ``training.sigma_mm``, else 16 mm); a
+    different explicit value warns once. The baselines' ROI threshold is the model's ``training.roi_threshold``
+    (else 0.1). ``timestep_spacing`` None = the model config's ``sampling.spacing`` ("leading" | "trailing").
     Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
     """
     import torch
@@ -194,9 +295,13 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         raise InputError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
     if not 1 <= steps <= 1000:
         raise InputError(f"steps must be between 1 and 1000, got {steps}")
-    if not (np.isfinite(sigma_mm) and 0.5 <= float(sigma_mm) <= 100.0):
-        raise InputError(f"sigma_mm must be between 0.5 and 100 mm, got {sigma_mm!r}")
-    sigma_mm = float(sigma_mm)
+    if sigma_mm is not None:
+        try:
+            sigma_mm = float(sigma_mm)
+        except (TypeError, ValueError):
+            raise InputError(f"sigma_mm must be a number of mm, got {sigma_mm!r}") from None
+        if not (np.isfinite(sigma_mm) and 0.5 <= sigma_mm <= 100.0):
+            raise InputError(f"sigma_mm must be between 0.5 and 100 mm, got {sigma_mm!r}")
     try:
         repaint = {"jump_length": int(repaint_jump), "jump_n_sample": int(repaint_resample)}
     except (TypeError, ValueError):
@@ -204,39 +309,29 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     if method == "repaint" and not (repaint["jump_length"] >= 1 and 1 <= repaint["jump_n_sample"] <= 50):
         raise InputError(f"repaint jump must be >= 1 and resample 1..50, got {repaint_jump}, {repaint_resample}")
     repaint["jump_length"] = min(repaint["jump_length"], steps)  # a jump cannot go back further than the schedule
+    paste_mode = _check_paste_mode(paste_mode)
     landmark = _point(landmark_lps, "landmark")
     if seed < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
 
-    img, source = _as_image(image)
-    geometry.check_point_inside(img, landmark, "landmark")
-    estimated = disc_center_lps is None
-    disc = _point(geometry.estimate_disc_center(landmark, condition, img) if estimated else disc_center_lps,
-                  "disc centre")
-    if not estimated:
-        geometry.check_point_inside(img, disc, "disc centre")
+    img, source, disc, estimated = _input_and_disc(image, landmark, condition, disc_center_lps)
     dev = select_device(device)
     timings["prepare"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    cfg, autoencoder, unet, entry, shas = load_model(model, method, dev, registry)
+    cfg, autoencoder, unet, entry, shas = load_model(model, method, dev, registry, condition=condition)
     timings["load_model"] = time.perf_counter() - t0
 
-    spec = geometry.FSUSpec(shape=tuple(cfg.fsu_shape), size_mm=tuple(cfg.fsu_size_mm))
-    fsu = geometry.extract_fsu(img, disc, spec)
-    dl = geometry.distance_outside_mm(fsu, landmark)
-    if dl > 0:
-        raise InputError(f"landmark {_fmt(landmark)} LPS lies {dl:.1f} mm outside the FSU around the disc centre "
-                         f"{_fmt(disc)} "
-                         f"(FSU {spec.size_mm[0]:g}x{spec.size_mm[1]:g}x{spec.size_mm[2]:g} mm); give --disc-center "
-                         f"closer to the landmark")
-    fsu_arr = sitk.GetArrayFromImage(fsu)  # (SI, AP, LR) float32
-    norm = geometry.Normalization.fit(fsu_arr)
+    sigma_mm, roi_threshold = _model_sigma_roi(entry, sigma_mm)
+    spacing = cfg.sampling.spacing if timestep_spacing is None else str(timestep_spacing)
+    if spacing not in ("leading", "trailing"):
+        raise InputError(f"timestep spacing {timestep_spacing!r} unknown; use leading or trailing")
+    spec, fsu, fsu_arr, norm = _fsu_around(img, landmark, disc, cfg)
     lat_grid = geometry.latent_frame(fsu, cfg.latent_factors)
     w_lat = weighting.gaussian_weight(lat_grid, landmark, sigma_mm)  # (SI, AP, LR) latent numpy order
     w_fsu = weighting.gaussian_weight(fsu, landmark, sigma_mm)
-    if method != "weighted" and not weighting.roi_mask(w_lat, ROI_THRESHOLD).any():
-        raise InputError(f"the region W > {ROI_THRESHOLD} is empty on the latent grid (sigma {sigma_mm} mm is too "
+    if method != "weighted" and not weighting.roi_mask(w_lat, roi_threshold).any():
+        raise InputError(f"the region W > {roi_threshold} is empty on the latent grid (sigma {sigma_mm} mm is too "
                          f"small for the latent spacing); use a larger sigma")
 
     from .diffusion import NoiseSchedule
@@ -267,7 +362,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
                         progress(_c * total + int(step), n_chunks * total)
 
                 z, nfe = _sample(method, unet, schedule, z0, W, [seeds[k] for k in ks], steps, lvl, cnd, dev,
-                                 prog, cancel, cfg.sampling.sampler, repaint)
+                                 prog, cancel, cfg.sampling.sampler, repaint, roi_threshold, spacing)
                 zs.append(z)
                 nfe_total = nfe  # network evaluations per sample chain (the same for every chunk)
             return torch.cat(zs, 0), nfe_total
@@ -284,6 +379,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
 
     t0 = time.perf_counter()
     fsu_outs, outs = [], []
+    recon_img = _fsu_image(norm.inverse(recon_np.astype(np.float64)), fsu)
     for k in range(samples):
         arr = norm.inverse(decoded[k, 0].astype(np.float64)).astype(np.float32)
         if not np.all(np.isfinite(arr)):
@@ -291,7 +387,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         f_img = _fsu_image(arr, fsu)
         fsu_outs.append(f_img)
         outs.append(geometry.paste_back(img, f_img, landmark, sigma_mm, threshold=PASTE_THRESHOLD,
-                                        edge_taper_mm=float(edge_taper_mm)))
+                                        edge_taper_mm=float(edge_taper_mm),
+                                        reference_fsu=recon_img if paste_mode == "change" else None))
     timings["paste_back"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
 
@@ -305,16 +402,17 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         "disc_center_lps": _clean(disc), "disc_center_estimated": estimated, "level": level,
         "condition": condition, "device": describe(dev), "created": created, "input": source,
         "fsu_shape": list(spec.shape), "fsu_size_mm": list(spec.size_mm), "normalization": norm.to_dict(),
-        "paste_threshold": PASTE_THRESHOLD, "edge_taper_mm": float(edge_taper_mm),
+        "paste_threshold": PASTE_THRESHOLD, "edge_taper_mm": float(edge_taper_mm), "paste_mode": paste_mode,
+        "timestep_spacing": spacing,
     }
     if method == "repaint":
         base.update(repaint_jump=repaint["jump_length"], repaint_resample=repaint["jump_n_sample"])
     if method != "weighted":
-        base["roi_threshold"] = ROI_THRESHOLD
+        base["roi_threshold"] = roi_threshold
     provs = [{**base, "seed": seeds[k], "sample_index": k + 1} for k in range(samples)]
     return InpaintResult(outputs=outs, provenance=provs[0], nfe=nfe, seconds=seconds, device=describe(dev),
                          peak_memory_mb=float(pm.mb), provenances=provs, fsu_input=fsu, fsu_outputs=fsu_outs,
-                         fsu_reconstruction=_fsu_image(norm.inverse(recon_np.astype(np.float64)), fsu),
+                         fsu_reconstruction=recon_img,
                          fsu_weight=w_fsu, latent_weight=w_lat, timings=timings)
 
 
@@ -332,7 +430,7 @@ def _sampler_name(method: str, cfg) -> str:
 
 
 def _sample(method, unet, schedule, z0, W, seeds, steps, lvl, cnd, dev, progress, cancel, sampler="plms",
-            repaint=None):
+            repaint=None, roi_threshold=ROI_THRESHOLD, spacing="trailing"):
     """Run the sampler of ``method`` for len(seeds) samples; returns (latents (B, C, ...), nfe).
 
     Each sample gets its own CPU generator seeded with its seed. Samplers that accept a list of per-sample
@@ -359,13 +457,13 @@ def _sample(method, unet, schedule, z0, W, seeds, steps, lvl, cnd, dev, progress
     def call(b, generator, prog):
         zb = z0.expand(b, *z0.shape[1:]).contiguous()
         Wb = W.expand(b, *W.shape[1:]).contiguous()
-        kw = dict(steps=steps, generator=generator, schedule=schedule, progress=prog, cancel=cancel)
+        kw = dict(steps=steps, generator=generator, schedule=schedule, progress=prog, cancel=cancel, spacing=spacing)
         fn = model_fn_for(b)
         if method == "weighted":
             return diffusion.sample_weighted(fn, zb, Wb, sampler=sampler, **kw)
         if method == "masked":
-            return diffusion.sample_masked(fn, zb, Wb > ROI_THRESHOLD, sampler=sampler, **kw)
-        return diffusion.sample_repaint(fn, zb, Wb > ROI_THRESHOLD, **(repaint or {}), **kw)
+            return diffusion.sample_masked(fn, zb, Wb > roi_threshold, sampler=sampler, **kw)
+        return diffusion.sample_repaint(fn, zb, Wb > roi_threshold, **(repaint or {}), **kw)
 
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     if len(gens) == 1 and dev.type == "cpu" and _LIST_GENERATORS.get(method, True):

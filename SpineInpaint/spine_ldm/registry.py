@@ -259,6 +259,36 @@ def list_models(registry: str | os.PathLike | None = None) -> list[ModelEntry]:
     return main + user
 
 
+def training_info(entry: ModelEntry) -> dict:
+    """The entry's ``training`` record (``{}`` when absent): steps, conditions, sigma_mm, roi_threshold, ..."""
+    t = entry.extra.get("training")
+    return t if isinstance(t, dict) else {}
+
+
+def default_model_id(method: str, condition: str | None = None,
+                     registry: str | os.PathLike | None = None) -> str:
+    """The default model of an inpainting ``method`` (weighted | masked | repaint) for ``condition``.
+
+    Entries flagged ``"default": true`` are candidates; the first one (main registry first, then the user registry)
+    whose model method fits and whose ``training.conditions`` include ``condition`` wins, so a registry can hold one
+    model per pathology (Hansen et al. train the LDMs per pathology). Without a flagged entry:
+    :data:`DEFAULT_MODEL_FOR_METHOD`.
+    """
+    if method not in MODEL_METHOD_FOR:
+        raise ModelError(f"unknown method {method!r}; expected one of {', '.join(MODEL_METHOD_FOR)}")
+    need = MODEL_METHOD_FOR[method]
+    flagged = [e for e in list_models(registry) if e.extra.get("default") is True and e.method == need]
+    for e in flagged:
+        conds = training_info(e).get("conditions")
+        if condition is None or not conds or condition in conds:
+            return e.id
+    if flagged:
+        raise ModelError(f"no default {method} model for condition {condition!r} in the registry (defaults: "
+                         f"{', '.join(e.id + ' ' + str(training_info(e).get('conditions')) for e in flagged)}); "
+                         f"pass a model id")
+    return DEFAULT_MODEL_FOR_METHOD[method]
+
+
 def get_entry(model_id: str, registry: str | os.PathLike | None = None) -> ModelEntry:
     entries = list_models(registry)
     for e in entries:

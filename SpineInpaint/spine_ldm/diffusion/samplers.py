@@ -12,13 +12,16 @@ whether it runs alone or in a batch (up to the network's batch numerics). Noise 
 and moved to the latent's device.
 
 Timesteps follow DEVELOPERS.md: t = 0 is clean; the grid for ``steps`` is ``NoiseSchedule.timesteps(steps)``
-([1000, 980, ..., 0] for 50; ``spacing="leading"`` selects the LDM grid [981, ..., 1, 0], see schedule.py).
+([981, 961, ..., 21, 1, 0] for 50, the LDM / MONAI grid; ``spacing="trailing"`` selects [1000, 980, ..., 0], see
+schedule.py).
 
 - ``sample_weighted(model_fn, z0, W, ...)``: start from the weighted-noised healthy latent
-  (t_v = round(W_v T)); at each step every voxel moves from its own t_v = round(W_v t) to round(W_v t_prev)
-  (PLMS or DDIM math per voxel, :mod:`.steps`). Voxels with t_v == t_prev_v keep their value exactly
-  (``torch.where``), so voxels whose W_v T rounds to 0 equal z0 bit for bit. The U-Net sees the global t.
-  PLMS: the Adams-Bashforth history is per step (as in the reference), applied voxel-wise. ``eta`` only for DDIM.
+  (t_v = round(W_v t_0)); at each step every voxel moves from its own t_v = round(W_v t) to round(W_v t_prev)
+  (PLMS or DDIM math per voxel, :mod:`.steps`), except that a voxel that started noised keeps t_v >= 1 while
+  t >= 1, so it ends with the grid's own last interval (1 -> 0 on the leading grid) rather than one coarse jump
+  round(W_v t_k) -> 0. Voxels with t_v == t_prev_v keep their value exactly (``torch.where``), so voxels whose
+  W_v t_0 rounds to 0 equal z0 bit for bit. The U-Net sees the global t. PLMS keeps its Adams-Bashforth history
+  per voxel (only the steps in which the voxel moves; see :func:`_denoise`). ``eta`` only for DDIM.
 - ``sample_masked(model_fn, z0, roi, ...)``: the weighted sampler with the binary weight W := roi (the masked
   LDM baseline): voxels inside the roi run the full schedule, voxels outside stay z0 exactly.
 - ``sample_repaint(model_fn, z0, roi, steps=50, jump_length=10, jump_n_sample=10, sampler="ddpm")``: latent
@@ -139,12 +142,19 @@ class _Tracker:
 
 
 def _denoise(model_fn: ModelFn, x: torch.Tensor, tv_of, schedule: NoiseSchedule, steps: int, sampler: str,
-             eta: float, generator, progress, cancel, spacing: str = "trailing") -> tuple[torch.Tensor, dict]:
-    """PLMS / DDIM loop with per-voxel timesteps tv_of(t) -> (B, 1, *spatial) long."""
+             eta: float, generator, progress, cancel, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
+    """PLMS / DDIM loop with per-voxel timesteps tv_of(t) -> (B, 1, *spatial) long.
+
+    PLMS keeps its Adams-Bashforth history **per voxel**: a voxel whose timestep does not change in a step
+    (t_v == t_v_prev, e.g. small W near the end) neither moves nor records that step's eps, so its multistep
+    formula only ever combines the eps of its own moves (order 2, 3, 4 after 1, 2, 3 moves; the first move is the
+    Heun-like warm-up when it happens in the first step, else a DDIM step). Where every voxel moves in every step
+    (W = 1, full generation) this is exactly the reference PLMS."""
     ts = schedule.timesteps(steps, spacing)
     B = x.shape[0]
     tr = _Tracker(expected_nfe(sampler, steps), progress, cancel, steps)
-    old: list[torch.Tensor] = []
+    hist: list[torch.Tensor] = []           # newest first: eps of each voxel's last 1..3 moves
+    count = None                             # per voxel: number of moves recorded (0..3)
     for i in range(steps):
         tr.check(i)
         t, tp = ts[i], ts[i + 1]
@@ -158,16 +168,24 @@ def _denoise(model_fn: ModelFn, x: torch.Tensor, tv_of, schedule: NoiseSchedule,
             noise = _randn(x.shape, x, generator) if eta > 0 else None
             x_new = ddim_step(x, e, a_t, a_p, eta=eta, noise=noise)
         else:  # plms
-            if not old and steps >= 2:
-                x_tent = torch.where(stay, x, ddim_step(x, e, a_t, a_p))
-                tgp = torch.full((B,), tp, dtype=torch.long, device=x.device)
-                e_next = tr.call(model_fn, x_tent, tgp, tvp)
-                e_use = plms_eps(e, old, e_next)
-            elif not old:
-                e_use = e
+            if count is None:
+                count = torch.zeros_like(tv)
+                hist = [torch.zeros_like(e) for _ in range(3)]
+                first = e
+                if steps >= 2:
+                    x_tent = torch.where(stay, x, ddim_step(x, e, a_t, a_p))
+                    tgp = torch.full((B,), tp, dtype=torch.long, device=x.device)
+                    first = plms_eps(e, [], tr.call(model_fn, x_tent, tgp, tvp))
             else:
-                e_use = plms_eps(e, old)
-            old = (old + [e])[-3:]
+                first = e
+            e_use = torch.where(count == 0, first,
+                                torch.where(count == 1, plms_eps(e, hist[:1][::-1]),
+                                            torch.where(count == 2, plms_eps(e, hist[:2][::-1]),
+                                                        plms_eps(e, hist[::-1]))))
+            move = ~stay
+            hist = [torch.where(move, e, hist[0]), torch.where(move, hist[0], hist[1]),
+                    torch.where(move, hist[1], hist[2])]
+            count = torch.where(move, (count + 1).clamp_max(3), count)
             x_new = ddim_step(x, e_use, a_t, a_p)
         x = torch.where(stay, x, x_new)
     return x, {"nfe": tr.nfe, "timesteps": ts, "sampler": sampler, "steps": steps, "spacing": spacing}
@@ -175,7 +193,7 @@ def _denoise(model_fn: ModelFn, x: torch.Tensor, tv_of, schedule: NoiseSchedule,
 
 def sample_weighted(model_fn: ModelFn, z0: torch.Tensor, W, steps: int = 50, sampler: str = "plms",
                     generator=None, schedule: NoiseSchedule | None = None, eta: float = 0.0,
-                    progress=None, cancel=None, spacing: str = "trailing") -> tuple[torch.Tensor, dict]:
+                    progress=None, cancel=None, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Weighted-noise inpainting (Hansen et al.); see the module docstring."""
     _check_latent(z0)
     schedule = schedule or NoiseSchedule()
@@ -186,8 +204,13 @@ def sample_weighted(model_fn: ModelFn, z0: torch.Tensor, W, steps: int = 50, sam
     Wb = _as_weight(W, z0)
     schedule.weighted_timesteps(Wb, 0)  # validates W range
 
+    active = schedule.weighted_timesteps(Wb, schedule.timesteps(steps, spacing)[0]) > 0
+
     def tv_of(t: int) -> torch.Tensor:
-        return schedule.weighted_timesteps(Wb, t)
+        tv = schedule.weighted_timesteps(Wb, t)
+        # every voxel that starts noised reaches t_v >= 1 while t >= 1, so it ends with the grid's own last
+        # interval (1 -> 0 on the leading grid) instead of one coarse jump round(W t_k) -> 0
+        return torch.where(active & (t > 0), tv.clamp_min(1), tv) if t > 0 else tv
 
     x = schedule.add_noise(z0, _randn(z0.shape, z0, g), tv_of(schedule.timesteps(steps, spacing)[0]))
     x, info = _denoise(model_fn, x, tv_of, schedule, steps, sampler, eta, g, progress, cancel, spacing)
@@ -197,7 +220,7 @@ def sample_weighted(model_fn: ModelFn, z0: torch.Tensor, W, steps: int = 50, sam
 
 def sample_masked(model_fn: ModelFn, z0: torch.Tensor, roi, steps: int = 50, sampler: str = "plms",
                   generator=None, schedule: NoiseSchedule | None = None, eta: float = 0.0,
-                  progress=None, cancel=None, spacing: str = "trailing") -> tuple[torch.Tensor, dict]:
+                  progress=None, cancel=None, spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Masked-LDM inpainting = :func:`sample_weighted` with the binary weight W := roi (bool or 0/1)."""
     roi_t = torch.as_tensor(roi)
     if roi_t.dtype != torch.bool:
@@ -213,7 +236,7 @@ def sample_masked(model_fn: ModelFn, z0: torch.Tensor, roi, steps: int = 50, sam
 def sample_full(model_fn: ModelFn, shape, steps: int = 50, sampler: str = "plms", generator=None,
                 schedule: NoiseSchedule | None = None, eta: float = 0.0, device=None, dtype=torch.float32,
                 x_T: torch.Tensor | None = None, progress=None, cancel=None,
-                spacing: str = "trailing") -> tuple[torch.Tensor, dict]:
+                spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Generate a latent of ``shape`` (B, C, *spatial) from pure noise (or the given ``x_T``)."""
     schedule = schedule or NoiseSchedule()
     _check_common(sampler, ("plms", "ddim"), steps, schedule)
@@ -250,7 +273,7 @@ def _repaint_schedule(steps: int, jump_length: int, jump_n_sample: int) -> list[
 def sample_repaint(model_fn: ModelFn, z0: torch.Tensor, roi, steps: int = 50, jump_length: int = 10,
                    jump_n_sample: int = 10, sampler: str = "ddpm", generator=None,
                    schedule: NoiseSchedule | None = None, progress=None, cancel=None,
-                   spacing: str = "trailing") -> tuple[torch.Tensor, dict]:
+                   spacing: str = "leading") -> tuple[torch.Tensor, dict]:
     """Latent RePaint (Lugmayr et al.); see the module docstring for the schedule and nfe."""
     _check_latent(z0)
     schedule = schedule or NoiseSchedule()

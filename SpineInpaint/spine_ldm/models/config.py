@@ -111,6 +111,7 @@ class ScheduleConfig:
 class SamplingConfig:
     steps: int = 50
     sampler: str = "plms"
+    spacing: str = "leading"   # timestep grid (NoiseSchedule.timesteps): leading = LDM/MONAI PNDM grid 981..1, 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ModelError(f"beta_schedule {cfg.schedule.beta_schedule!r} unknown; use linear_beta or scaled_linear_beta")
     if cfg.sampling.sampler not in ("plms", "ddim"):
         raise ModelError(f"sampler {cfg.sampling.sampler!r} unknown; use plms or ddim")
+    if cfg.sampling.spacing not in ("leading", "trailing"):
+        raise ModelError(f"sampling spacing {cfg.sampling.spacing!r} unknown; use leading or trailing")
 
 
 def _apply_overrides(data: dict, overrides: dict) -> dict:
