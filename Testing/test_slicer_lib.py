@@ -463,7 +463,7 @@ def test_logic_with_real_backend(scene, tmp_path):
     before = nodes.snapshotNode(vol)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), env.get("PYTHONPATH", "")])
-    logic = InpaintLogic(scene, python=sys.executable, env=env)
+    logic = InpaintLogic(scene, python=sys.executable, env=env, warm=False)  # warm worker: test_worker.py
     params = InpaintParameters(steps=2, samples=1, seed=3, device="cpu", registry=str(reg))
     out = logic.run(vol, lm, params, log=None, timeout=300)
     assert len(out) == 1
@@ -877,6 +877,7 @@ def test_widget_flow_with_fake_qt(scene, monkeypatch, fake_backend):
             ("ccs_severe", "L3-L4", 2, 3, 8)
 
         w.logic.commandBuilder = fake_backend
+        w.logic.warm = False  # the one-shot fake backend (the warm worker: test_worker.py)
         w.logic._env = dict(os.environ, FAKE_MODE="ok")
         n_before = len(volume_nodes(scene))
         ui.applyButton.emit("clicked(bool)", False)

@@ -7,6 +7,7 @@ Everything here runs inside the 3D Slicer Python process (or headless ``slicer-c
   new scalar volume nodes with the input's geometry and provenance attributes.
 - ``runner``: the local backend as a background process speaking the CLI JSON-lines protocol.
 - ``remote``: client of the ``spine-ldm serve`` HTTP backend, with the same polling interface as ``runner``.
+- ``worker``: the warm local backend, a persistent ``spine-ldm serve`` on 127.0.0.1 reached through ``remote``.
 - ``dependencies``: first-use dependency check / install (torch through the PyTorch extension).
 - ``level``: FSU-level suggestion from the landmark and known disc centres.
 - ``models``: the versioned model list (Models.json) with sha256 status.
@@ -24,5 +25,5 @@ backend process (``spine-ldm``) or on a remote server. Submodules are imported l
 #: and the README; ``Testing/test_extension_index.py`` keeps the three equal).
 MINIMUM_SLICER_VERSION = "5.10"
 
-SUBMODULES = ("parameters", "nodes", "runner", "remote", "dependencies", "level", "models", "layout", "logic",
-              "sampledata", "rating")
+SUBMODULES = ("parameters", "nodes", "runner", "remote", "worker", "dependencies", "level", "models", "layout",
+              "logic", "sampledata", "rating")

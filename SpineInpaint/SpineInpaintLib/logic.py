@@ -10,9 +10,15 @@ From Slicer's Python console or a PythonSlicer script::
     params = InpaintParameters(level="L4-L5", condition="dh_moderate_large", samples=2, seed=7)
     nodes = InpaintLogic().run(volume, landmark, params)   # blocks; returns the new volume nodes
 
-The widget uses the non-blocking form: ``job = logic.start(...)`` then ``job.poll()`` from a QTimer, ``job.cancel()``
-on Cancel. A job runs one backend process per method (one for a normal run, three in compare mode) and loads the
-outputs into the scene only when every run has succeeded: a cancelled or failed job leaves the scene untouched.
+The widget uses the non-blocking form: ``job = logic.start(...)`` then ``job.poll()`` from a QTimer,
+``job.requestCancel()`` on Cancel (``job.cancel(timeout)`` blocks, for scripts). A job makes one backend run per
+method (one for a normal run, three in compare mode) and loads the outputs into the scene only when every run has
+succeeded: a cancelled or failed job leaves the scene untouched.
+
+Where a local run happens: on the session's warm worker (``worker.py``: a persistent ``spine-ldm serve`` on
+127.0.0.1 that keeps torch and the models loaded) when the server packages are installed, else in a one-shot
+``spine-ldm inpaint`` process (``runner.py``). A remote run goes to the URL in the parameters; the warm worker and a
+remote server speak the same HTTP API through the same client.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from .runner import CANCELLED, DONE, FAILED, IDLE, RUNNING, BackendProcess, back
     inpaintCommand, progressFraction
 
 LOADING = "loading"
+#: how often the panel polls a running job (its QTimer); the end of a run is noticed within this time
+POLL_INTERVAL_MS = 50
 
 
 def defaultRegistryPath() -> str:
@@ -58,6 +66,7 @@ class InpaintJob:
         self.step = 0
         self.of = 0
         self.startTime: Optional[float] = None
+        self.cancelRequested = False
 
     # -- lifecycle
     def start(self) -> "InpaintJob":
@@ -72,7 +81,8 @@ class InpaintJob:
     def _describe(self) -> str:
         r = self.request
         lm = ", ".join(f"{v:.1f}" for v in r.landmarkRas)
-        where = f"remote {self.params.remoteUrl}" if self.params.backend == "remote" else "local backend"
+        where = f"remote {self.params.remoteUrl}" if self.params.backend == "remote" else \
+            "warm local backend" if self.logic.useWarmWorker() else "local backend"
         return (f"{r.condition} at {r.level} ({'suggested' if r.levelSource == 'suggested' else 'chosen'}), landmark "
                 f"RAS ({lm}), methods {', '.join(self.methods)}, {self.params.samples} sample(s), seed "
                 f"{self.params.seed}, {self.params.steps} steps, sigma {self.params.sigmaMm:g} mm on {where}")
@@ -88,6 +98,10 @@ class InpaintJob:
 
             client = RemoteClient(self.params.remoteUrl, self.token)
             self.current = RemoteJob(client, self.request.inputPath, payload, outDir)
+        elif self.logic.useWarmWorker():
+            from .worker import WorkerJob
+
+            self.current = WorkerJob(self.logic.worker(self.params), self.request.inputPath, payload, outDir)
         else:
             cmd = self.logic.commandBuilder(payload, self.request.inputPath, outDir, python=self.logic.python,
                                             registry=self.logic.registryFor(self.params))
@@ -111,7 +125,9 @@ class InpaintJob:
             if e.get("event") == "progress":
                 self.step, self.of = int(e.get("step", 0)), int(e.get("of", 0))
             self._emit(e)
-        if self.current.state == DONE:
+        if self.cancelRequested and self.current.state in (DONE, FAILED):
+            self._finish(CANCELLED, "Cancelled: nothing was added to the scene")  # never load after a cancel
+        elif self.current.state == DONE:
             self.doneEvents.append((self.methods[self.runIndex], self.current.result))
             if self.runIndex + 1 < len(self.methods):
                 try:
@@ -139,6 +155,8 @@ class InpaintJob:
             return self.message
         method = METHOD_LABELS.get(self.methods[max(0, self.runIndex)], "")
         run = f" ({self.runIndex + 1}/{len(self.methods)})" if len(self.methods) > 1 else ""
+        if self.cancelRequested:
+            return f"{method}{run}: cancelling..."
         if not self.of:
             return f"{method}{run}: starting backend..."
         return f"{method}{run}: step {self.step}/{self.of}"
@@ -169,14 +187,30 @@ class InpaintJob:
         self._emit({"event": "finished", "state": state, "message": message})
         self.cleanup()
 
+    def requestCancel(self) -> None:
+        """Start cancelling without blocking; ``poll()`` ends the job (``cancelled``) once the backend stopped.
+        Nothing is loaded afterwards."""
+        if self.state != RUNNING or self.cancelRequested:
+            return
+        self.cancelRequested = True
+        if self.current is not None:
+            self.current.requestCancel()
+        else:
+            self._finish(CANCELLED, "Cancelled: nothing was added to the scene")
+
     def cancel(self, timeout: float = 2.0) -> bool:
-        """Stop the backend within ``timeout`` s; nothing is loaded afterwards."""
+        """Blocking cancel (scripts): the backend is stopped within ``timeout`` s; nothing is loaded afterwards."""
         if self.state != RUNNING:
             return True
-        ok = self.current.cancel(timeout) if self.current is not None else True
+        self.requestCancel()
+        deadline = time.monotonic() + timeout
+        while self.state == RUNNING and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.02)
         if self.state == RUNNING:
             self._finish(CANCELLED, "Cancelled: nothing was added to the scene")
-        return ok
+            return False
+        return True
 
     def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.1) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -196,12 +230,15 @@ class InpaintJob:
 class InpaintLogic:
     """Batch-usable logic (no widget, no Qt).
 
-    ``python`` / ``env`` override the backend interpreter and its environment; ``commandBuilder`` (default
-    ``runner.inpaintCommand``) builds the backend command line (tests substitute a fake backend).
+    ``python`` / ``env`` override the backend interpreter and its environment. ``warm``: run local jobs on the
+    session's warm worker (default: when the server packages are installed and no ``commandBuilder`` is given);
+    ``commandBuilder`` (default ``runner.inpaintCommand``) builds the one-shot backend command line and
+    ``workerCommandBuilder`` (default ``worker.workerCommand``) the worker's (tests substitute fakes).
     """
 
     def __init__(self, scene=None, python: Optional[str] = None, env: Optional[dict] = None,
-                 keepTemporaryFiles: bool = False, commandBuilder: Optional[Callable[..., list]] = None):
+                 keepTemporaryFiles: bool = False, commandBuilder: Optional[Callable[..., list]] = None,
+                 warm: Optional[bool] = None, workerCommandBuilder: Optional[Callable[..., list]] = None):
         import slicer
 
         self.scene = scene or slicer.mrmlScene
@@ -209,9 +246,25 @@ class InpaintLogic:
         self._env = env
         self.keepTemporaryFiles = keepTemporaryFiles
         self.commandBuilder = commandBuilder or inpaintCommand
+        self.workerCommandBuilder = workerCommandBuilder
+        self.warm = warm if warm is not None else commandBuilder is None
 
     def environment(self) -> dict:
         return dict(self._env) if self._env is not None else backendEnvironment()
+
+    def useWarmWorker(self) -> bool:
+        if not self.warm:
+            return False
+        from .worker import serverAvailable
+
+        return serverAvailable()
+
+    def worker(self, params: InpaintParameters):
+        """The session's warm worker for this interpreter and the registry of ``params`` (a worker for another
+        registry is stopped); the first job starts it."""
+        from .worker import getWorker
+
+        return getWorker(self.python, self.environment(), self.registryFor(params), self.workerCommandBuilder)
 
     @staticmethod
     def registryFor(params: InpaintParameters) -> Optional[str]:

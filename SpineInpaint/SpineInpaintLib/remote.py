@@ -138,14 +138,19 @@ class RemoteJob:
     """One remote run with the ``BackendProcess`` interface (events in the CLI JSON-lines format)."""
 
     POLL_INTERVAL = 0.5
+    CANCEL_SECONDS = 2.0  # after this, a cancel the server did not confirm is final locally
 
     def __init__(self, client: RemoteClient, inputPath: str, payload: dict, outputDir: str,
-                 onEvent: Optional[Callable[[dict], None]] = None):
+                 onEvent: Optional[Callable[[dict], None]] = None, pollInterval: Optional[float] = None,
+                 describe: str = ""):
         self.client = client
         self.inputPath = inputPath
         self.payload = dict(payload)
         self.outputDir = outputDir
         self.onEvent = onEvent
+        self.pollInterval = self.POLL_INTERVAL if pollInterval is None else float(pollInterval)
+        self.where = describe or client.url
+        self._cancelAt: Optional[float] = None
         self.state = IDLE
         self.jobId: Optional[str] = None
         self.result: Optional[dict] = None
@@ -176,9 +181,9 @@ class RemoteJob:
 
     def _run(self) -> None:
         try:
-            self._emit({"event": "log", "stream": "remote", "message": f"uploading to {self.client.url}"})
+            self._emit({"event": "log", "stream": "remote", "message": f"uploading to {self.where}"})
             self.jobId = self.client.submit(self.inputPath, self.payload)
-            self._emit({"event": "start", "remote": self.client.url, "job": self.jobId,
+            self._emit({"event": "start", "remote": self.client.url, "device_name": self.where, "job": self.jobId,
                         "samples": self.payload.get("samples"), "steps": self.payload.get("steps")})
             lastStep = None
             while True:
@@ -219,7 +224,7 @@ class RemoteJob:
                 if status == "cancelled":
                     self._emit({"event": "cancelled", "message": "cancelled on the server"})
                     return
-                self._cancel.wait(self.POLL_INTERVAL)
+                self._cancel.wait(self.pollInterval)
         except RemoteError as e:
             self._emit({"event": "error", "kind": e.kind, "message": str(e)})
         except Exception as e:  # never let the worker die silently
@@ -227,6 +232,10 @@ class RemoteJob:
 
     def poll(self) -> list[dict]:
         events = []
+        if self.state == RUNNING and self._cancelAt is not None and time.monotonic() >= self._cancelAt:
+            # the server did not confirm in time (unreachable): cancelled here, late results are never loaded
+            self._queue.put({"event": "cancelled", "message": "cancelled (the server did not answer)"})
+            self._cancelAt = None
         for event in drainQueue(self._queue):
             kind = event.get("event")
             if self.state != RUNNING and kind in ("done", "error", "cancelled", "progress"):
@@ -249,15 +258,19 @@ class RemoteJob:
              onEvent: Optional[Callable[[dict], None]] = None) -> str:
         return waitForRun(self, timeout, pollInterval, onEvent)
 
+    def requestCancel(self) -> None:
+        """Ask the server to cancel without blocking; ``poll()`` reports ``cancelled`` once it confirmed, or after
+        ``CANCEL_SECONDS`` in any case."""
+        if self.state != RUNNING or self._cancel.is_set():
+            return
+        self._cancel.set()
+        self._cancelAt = time.monotonic() + self.CANCEL_SECONDS
+
     def cancel(self, timeout: float = 2.0) -> bool:
-        """Ask the server to cancel; the local state is 'cancelled' within ``timeout`` s either way."""
+        """Blocking form for scripts: the local state is 'cancelled' within ``timeout`` s either way."""
         if self.state != RUNNING:
             return True
-        self._cancel.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.poll()
-        if self.state == RUNNING:  # server unreachable: give up locally, never load late results
-            self.state = CANCELLED
-            self._queue.put({"event": "cancelled", "message": "cancelled (server did not answer)"})
+        self.requestCancel()
+        self._cancelAt = min(self._cancelAt, time.monotonic() + timeout)
+        waitForRun(self, timeout + 0.5)
         return True
