@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import ModelError
+from .errors import CancelledError, ModelError
 
 REGISTRY_VERSION = 1
 MODEL_METHODS = ("weighted", "masked", "full")
@@ -422,8 +422,13 @@ def verify(model: str | ModelEntry, registry: str | os.PathLike | None = None) -
     return {name: _file_status(f) for name, f in entry.files.items()}
 
 
-def _download(f: FileRef) -> Path:
-    """Download a URL file into the cache (only for entries the user added) and verify it."""
+def _download(f: FileRef, progress=None, cancel=None) -> Path:
+    """Download a URL file into the cache (only for entries the user added) and verify it.
+
+    ``progress(done_bytes, total_bytes_or_None)`` is called after each block; ``cancel()`` returning True stops the
+    download (:class:`CancelledError`). The bytes land under a temporary name and are moved into the cache only
+    after their sha256 matched, so an interrupted or corrupt download never looks like a cached file.
+    """
     dest = f.local_path()
     if dest.is_file() and sha256_file(dest) == f.sha256:
         return dest
@@ -431,18 +436,46 @@ def _download(f: FileRef) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".dl-", dir=dest.parent)
     h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(f.url, timeout=60) as resp:  # noqa: S310
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                h.update(block)
-                out.write(block)
-    except OSError as e:
-        os.unlink(tmp)
-        raise ModelError(f"could not download {f.url}: {e}") from None
-    if h.hexdigest() != f.sha256:
-        os.unlink(tmp)
-        raise ModelError(f"weights file {f.url} sha256 mismatch: expected {f.sha256}, got {h.hexdigest()}")
-    os.replace(tmp, dest)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(f.url, timeout=60) as resp:  # noqa: S310
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                done = 0
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    if cancel is not None and cancel():
+                        raise CancelledError(f"download of {f.url} cancelled")
+                    h.update(block)
+                    out.write(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done, total)
+        except OSError as e:
+            raise ModelError(f"could not download {f.url}: {e}") from None
+        if h.hexdigest() != f.sha256:
+            raise ModelError(f"weights file {f.url} sha256 mismatch: expected {f.sha256}, got {h.hexdigest()}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return dest
+
+
+def download(model: str | ModelEntry, registry: str | os.PathLike | None = None, progress=None,
+             cancel=None) -> dict[str, Path]:
+    """Fetch every URL file of a model into the cache (verified; files already there are kept).
+
+    ``progress(name, done_bytes, total_bytes_or_None)``, ``cancel()`` as in the single-file download. Returns the
+    local path of every file. Raises ModelError (unreachable URL, sha256 mismatch) or CancelledError.
+    """
+    entry = model if isinstance(model, ModelEntry) else resolve(model, registry)
+    out = {}
+    for name, f in entry.files.items():
+        if f.path is None:
+            report = None if progress is None else (lambda done, total, _n=name: progress(_n, done, total))
+            out[name] = _download(f, progress=report, cancel=cancel)
+        else:
+            out[name] = f.local_path()
+    return out
 
 
 def read_verified(f: FileRef, allow_download: bool = True) -> bytes:
