@@ -451,18 +451,25 @@ class SizeLimitMiddleware:
                     return await self._reject(send, None, status=400, message="invalid Content-Length")
         seen = 0
         started = False
+        exceeded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    exceeded = True
                     raise _TooLarge()
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # the app caught _TooLarge itself (e.g. as a bad body): answer 413 instead of its reply
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    await self._reject(send, seen)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

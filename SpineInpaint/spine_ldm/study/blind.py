@@ -38,7 +38,7 @@ PAPER_FSU_SIZE_MM = (80.0, 80.0, 50.0)
 #: Direction matrix (row-major) of every served FSU view: ITK axis i runs patient left -> right, j anterior ->
 #: posterior, k superior -> inferior (the canonical FSU axes of spine_ldm.geometry).
 CANONICAL_DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
-#: Served origins are rounded to this many decimals (mm).
+#: Origins of served whole volumes (``fov="whole"``) are rounded to this many decimals (mm).
 ORIGIN_DECIMALS = 4
 
 _CASE_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -57,14 +57,15 @@ def is_case_id(s: str) -> bool:
 
 
 def view_origin(shape=PAPER_FSU_SHAPE, size_mm=PAPER_FSU_SIZE_MM) -> tuple[float, float, float]:
-    """Origin (LPS mm) of the served FSU view relative to the landmark: the same constant for every case."""
+    """Origin (LPS mm) of the served FSU view relative to the landmark: the same constant for every case (computed
+    from the FSU shape and size alone, so it is bit-identical for all; the landmark is exactly the centre voxel)."""
     from ..geometry import FSUSpec
 
     spec = FSUSpec(shape=tuple(shape), size_mm=tuple(size_mm))
     d = np.asarray(CANONICAL_DIRECTION, dtype=np.float64).reshape(3, 3)
     half = (np.asarray(spec.itk_size, dtype=np.float64) - 1.0) / 2.0
     o = -(d @ (np.asarray(spec.itk_spacing, dtype=np.float64) * half))
-    return tuple(round(float(v), ORIGIN_DECIMALS) + 0.0 for v in o)
+    return tuple(float(v) + 0.0 for v in o)  # + 0.0: no "-0" in a header
 
 
 def crop_fov(image: sitk.Image, landmark_lps, fov: str = "fsu", shape=PAPER_FSU_SHAPE,
