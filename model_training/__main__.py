@@ -1,6 +1,7 @@
 """``python -m model_training COMMAND ...`` (also under ``torchrun --nproc_per_node=N -m model_training ...``).
 
-Training side: train-autoencoder | train-ldm | export | evaluate | make-demo-weights.
+Training side: train-autoencoder | train-ldm | export | evaluate | make-demo-weights | benchmark-phantoms |
+train-reader.
 Data side (model_training.data_cli / model_training.data, when present): import-spider | import-rsna |
 import-manifest | import-phantom | support ... are forwarded to that module's ``main(argv)``.
 """
@@ -12,7 +13,8 @@ import sys
 
 from spine_ldm.errors import SpineLDMError
 
-TRAIN_COMMANDS = ("train-autoencoder", "train-ldm", "export", "evaluate", "make-demo-weights")
+TRAIN_COMMANDS = ("train-autoencoder", "train-ldm", "export", "evaluate", "make-demo-weights", "benchmark-phantoms",
+                  "train-reader")
 
 
 def _data_module():
@@ -76,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("make-demo-weights", help="the bundled demo recipe: phantoms -> AE -> weighted/masked/full")
     from .demo_weights import add_arguments as _demo_args
     _demo_args(d)
+
+    b = sub.add_parser("benchmark-phantoms", help="paired-truth phantom benchmark: metrics, readers, tables, figures")
+    from .benchmark.run import add_arguments as _bench_args
+    _bench_args(b)
+
+    r = sub.add_parser("train-reader", help="train the benchmark's pathology-present reader on phantom crops")
+    from .benchmark.readers import add_arguments as _reader_args
+    _reader_args(r)
     return p
 
 
@@ -88,6 +98,7 @@ def main(argv=None) -> int:
             return int(mod.main(argv) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if not args.command:
         parser.print_help()
         mod = _data_module()
@@ -130,6 +141,12 @@ def _run(args) -> int:
     if args.command == "make-demo-weights":
         from .demo_weights import main_demo
         return main_demo(args)
+    if args.command == "benchmark-phantoms":
+        from .benchmark.run import main_benchmark
+        return main_benchmark(args, args.argv)
+    if args.command == "train-reader":
+        from .benchmark.readers import main_train_reader
+        return main_train_reader(args)
     raise SystemExit(f"unknown command {args.command}")
 
 

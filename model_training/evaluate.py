@@ -137,7 +137,8 @@ def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 
 def ms_ssim_metric(shape, kernel=(5, 5, 3)):
-    """MONAI MultiScaleSSIMMetric with as many scales (<= 3) as the crop allows for the small kernel."""
+    """MONAI MultiScaleSSIMMetric with as many scales (<= 3) as the crop allows for the small kernel (2-D or 3-D:
+    ``len(kernel)`` spatial dimensions)."""
     from monai.metrics import MultiScaleSSIMMetric
 
     levels = 1
@@ -145,7 +146,8 @@ def ms_ssim_metric(shape, kernel=(5, 5, 3)):
         if all(n > (k - 1) * 2 ** (L - 1) for n, k in zip(shape, kernel)):
             levels = L
             break
-    return MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel, weights=(1.0 / levels,) * levels)
+    return MultiScaleSSIMMetric(spatial_dims=len(kernel), data_range=1.0, kernel_size=kernel,
+                                weights=(1.0 / levels,) * levels)
 
 
 def ms_ssim_diversity(samples) -> float:
