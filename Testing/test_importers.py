@@ -403,6 +403,18 @@ def test_manifest_structural_errors(tmp_path):
                  'p1,a.nrrd,L4-L5,"1,2,3",none,manual\np1,a.nrrd,L4/L5,"1,2,4",none,manual\n')
     with pytest.raises(InputError, match="line 3 .*duplicate L4-L5.*first at line 2"):
         read_manifest(m)
+    # herniation and stenosis are graded independently: one dh_* and one ccs_* row per level, each with a landmark
+    head = 'study_id,image_path,level,disc_center_lps,condition,landmark_lps,source\n'
+    both = 'p1,a.nrrd,L4-L5,"1,2,3",dh_small,"1,9,3",manual\np1,a.nrrd,L4-L5,"1,2,3",ccs_severe,"1,20,3",manual\n'
+    m.write_text(head + both)
+    rows = read_manifest(m)
+    assert [(r.condition, r.landmark_lps) for r in rows] == [("dh_small", (1.0, 9.0, 3.0)),
+                                                             ("ccs_severe", (1.0, 20.0, 3.0))]
+    for extra, line in (('p1,a.nrrd,L4/L5,"1,2,3",dh_moderate_large,"1,9,3",manual\n', 2),
+                        ('p1,a.nrrd,L4-L5,"1,2,3",none,"1,9,3",manual\n', 2)):
+        m.write_text(head + both + extra)
+        with pytest.raises(InputError, match=f"line 4 .*duplicate L4-L5.*first at line {line}"):
+            read_manifest(m)
     with pytest.raises(InputError, match="does not exist"):
         read_manifest(tmp_path / "nope.csv")
 
@@ -647,7 +659,7 @@ def test_demo_make_phantoms_writes_twins_and_splits(tmp_path):
 
     logs = []
     m = make_phantoms(tmp_path, 3, seed=1, mix={"dh_moderate_large": 0.7, "ccs_severe": 0.3}, log=logs.append,
-                      shape=(40, 64, 6))
+                      shape=(40, 64, 6), healthy_twins=True, fractions=(0.8, 0.1, 0.1))
     assert m == tmp_path / "phantoms.csv" and any("3 studies" in s for s in logs)
     rows = read_manifest(m)
     assert all(r.split in ("train", "val", "test") and r.source == "phantom" for r in rows)
@@ -665,7 +677,22 @@ def test_demo_make_phantoms_writes_twins_and_splits(tmp_path):
     assert make_phantoms(tmp_path, 3, seed=1, log=logs.append) == m and "reusing" in logs[-1]
     # healthy studies: one image each (their "twin" would be the same image again)
     rows_h = read_manifest(make_phantoms(tmp_path / "h", 3, seed=1, mix={"dh_small": 0.34}, log=logs.append,
-                                         shape=(40, 64, 6)))
+                                         shape=(40, 64, 6), healthy_twins=True))
     images = Counter(r.study_id for r in rows_h)
     assert sorted(images.values()) == [5, 5, 10] and not any("twin" in r.image_path for r in rows_h
                                                              if images[r.study_id] == 5)
+
+
+def test_demo_make_phantoms_default_recipe_is_all_pathological(tmp_path):
+    """The bundled recipe's phantoms: every study carries two different pathologies at two levels, no healthy
+    twins (the LDMs train on pathological FSUs only), splits 95/5 per study."""
+    from model_training.demo_weights import make_phantoms
+
+    rows = read_manifest(make_phantoms(tmp_path, 4, seed=2, log=lambda s: None, shape=(40, 64, 6)))
+    assert len(rows) == 4 * 5 and not any("twin" in r.image_path for r in rows)
+    for s in {r.study_id for r in rows}:
+        mine = [r for r in rows if r.study_id == s]
+        patho = [r for r in mine if r.condition != "none"]
+        assert len(patho) == 2 and len({r.condition for r in patho}) == 2 and len({r.level for r in patho}) == 2
+        assert all(r.landmark_lps is not None for r in patho) and len({r.split for r in mine}) == 1
+    assert {r.split for r in rows} <= {"train", "val"}

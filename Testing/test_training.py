@@ -438,25 +438,36 @@ def test_evaluate_end_to_end_on_phantoms(manifest, ldm_runs, tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
-    """The bundled-weights recipe at toy size: phantoms -> autoencoder (fp32) -> three LDMs in 2 worker processes
-    under CPU bf16 -> export into a registry whose entries verify and share one autoencoder."""
+    """The bundled-weights recipe at toy size: phantoms -> autoencoder (fp32) -> one LDM per method and pathology
+    family in 2 worker processes under CPU bf16 -> float16 export into a registry whose entries verify, share one
+    autoencoder, are flagged default per condition and record the phantom seeds."""
+    from spine_ldm import pipeline
     from spine_ldm import registry as R
 
     work, out = tmp_path / "work", tmp_path / "out" / "Models"
+    reg = out.parent / "Models.json"
     r = subprocess.run([PY, "-m", "model_training", "make-demo-weights", "--work", str(work), "--out", str(out),
                         "--n-studies", "4", "--ae-steps", "2", "--ldm-steps", "2", "--jobs", "2", "--cpu-bf16", "on",
-                        "--device", "cpu", "--quiet"], env=_env(), capture_output=True, text=True, timeout=600)
+                        "--device", "cpu", "--quiet"], env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     timings = json.loads((work / "demo_timings.json").read_text())
-    assert timings["ldm_amp"] == "bf16" and {"autoencoder_s", "weighted_s", "masked_s", "full_s", "ldm_wall_s",
-                                             "total_s"} <= set(timings)
+    names = [f"{m}-{f}" for m in ("weighted", "masked", "full") for f in ("dh", "ccs")]
+    assert timings["ldm_amp"] == "bf16" and {"autoencoder_s", "ldm_wall_s", "total_s",
+                                             *(f"{n}_s" for n in names)} <= set(timings)
     assert C.read_run_info(work / "runs" / "autoencoder")["amp"] == "off"
-    for m in ("weighted", "masked", "full"):
-        info = C.read_run_info(work / "runs" / m)
+    for n in names:
+        info = C.read_run_info(work / "runs" / n)
         assert info["amp"] == "bf16" and info["steps_done"] == 2 and info["train_config"]["threads"] == 1
-    reg = out.parent / "Models.json"
+        fam = ("dh_small", "dh_moderate_large") if n.endswith("dh") else ("ccs_moderate", "ccs_severe")
+        assert info["conditions"] == list(fam)
     ids = {e.id: e for e in R.list_models(str(reg))}
-    assert set(ids) == {"demo-small-weighted", "demo-small-masked", "demo-small-full"}
-    for i in ids:
+    assert set(ids) == {f"demo-small-{n}" for n in names}
+    for i, e in ids.items():
         assert all(st.status == "ok" for st in R.verify(i, str(reg)).values())
+        assert e.extra["default"] is True
+        assert R.training_info(e)["phantom_seeds"] == {"import_phantoms": {"seed": 0, "n_studies": 4}}
+        sd = torch.load(e.files["unet"].local_path(), weights_only=True)
+        assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     assert len({e.files["autoencoder"].sha256 for e in ids.values()}) == 1
+    assert pipeline.default_model_for("repaint", "ccs_moderate", str(reg)) == "demo-small-full-ccs"
+    assert pipeline.default_model_for("weighted", "dh_small", str(reg)) == "demo-small-weighted-dh"

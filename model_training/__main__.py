@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--license", default="")
     e.add_argument("--extra", help="JSON object merged into the entry")
     e.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights")
+    e.add_argument("--half", action="store_true", help="store the U-Net in float16 (half the size)")
 
     v = sub.add_parser("evaluate", help="Table 1: FID and MS-SSIM per level x condition x method")
     from .evaluate import add_arguments as _eval_args

@@ -26,8 +26,11 @@ from spine_ldm.errors import InputError, ModelError
 from . import common as C
 
 
-def _clean_state_dict(sd: dict) -> dict:
-    return {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+def _clean_state_dict(sd: dict, half: bool = False) -> dict:
+    """CPU, contiguous; floating tensors float32 (or float16 with ``half``: loading casts them back to the
+    module's float32, so only the stored precision changes)."""
+    dt = torch.float16 if half else torch.float32
+    return {k: v.detach().cpu().to(dt).contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
             for k, v in sd.items()}
 
 
@@ -44,8 +47,13 @@ def _config_ref(model_cfg_dict: dict, weights_dir: Path, model_id: str) -> str:
 
 def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_name: str | None = None,
                description: str = "", training_data: str = "", license: str = "",
-               extra: dict | None = None, use_ema: bool = True) -> dict:
-    """Export ``run_dir`` as registry entry ``model_id``; returns the entry's JSON form."""
+               extra: dict | None = None, use_ema: bool = True, half: bool = False,
+               training_extra: dict | None = None) -> dict:
+    """Export ``run_dir`` as registry entry ``model_id``; returns the entry's JSON form.
+
+    ``half`` stores the U-Net's floating tensors as float16 (half the size; the recipe checks the outputs stay
+    within tolerance). ``extra`` adds top-level entry keys (e.g. ``"default": true``), ``training_extra`` keys of
+    the ``training`` record (e.g. ``phantom_seeds``)."""
     from spine_ldm import registry as R
 
     run = Path(run_dir)
@@ -68,7 +76,7 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
     if C.file_sha256(ae_src) != info.get("autoencoder_sha256"):
         raise ModelError(f"autoencoder {ae_src} changed since {run} was trained (sha256 differs); retrain or "
                          f"restore it")
-    unet_sd = _clean_state_dict(torch.load(unet_src, map_location="cpu", weights_only=True))
+    unet_sd = _clean_state_dict(torch.load(unet_src, map_location="cpu", weights_only=True), half=half)
     ae_sd = _clean_state_dict(torch.load(ae_src, map_location="cpu", weights_only=True))
     unet_dst = wdir / f"{model_id}-unet.pt"
     ae_dst = wdir / f"{autoencoder_name or model_id + '-autoencoder'}.pt"
@@ -82,7 +90,8 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
     tc = info.get("train_config", {})
     ext = {"training": {"steps": info.get("steps_done"), "final_loss": info.get("final_loss"),
                         "conditions": info.get("conditions"), "sigma_mm": tc.get("sigma_mm"),
-                        "dataset_size": info.get("dataset_size")}}
+                        "roi_threshold": tc.get("roi_threshold"), "dataset_size": info.get("dataset_size"),
+                        **(training_extra or {})}}
     ext.update(extra or {})
     entry = R.ModelEntry(id=model_id, method=info["method"], config=cfg_ref, files=files,
                          description=description or f"{info['method']} LDM ({info['model_config'].get('name')}) "
@@ -120,6 +129,6 @@ def check_entry(model_id: str, registry) -> None:
 def main_export(args) -> int:
     extra = json.loads(args.extra) if args.extra else None
     d = export_run(args.run, args.id, args.registry, args.weights_dir, args.autoencoder_name, args.description,
-                   args.training_data, args.license, extra, use_ema=not args.raw)
+                   args.training_data, args.license, extra, use_ema=not args.raw, half=args.half)
     print(json.dumps(d, indent=2))
     return 0

@@ -47,7 +47,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from spine_ldm.conditions import CONDITIONS, LEVELS, condition_index, level_index, parse_condition, parse_level
+from spine_ldm.conditions import (CONDITIONS, LEVELS, condition_index, level_index, parse_condition, parse_level,
+                                  pathology_family)
 from spine_ldm.errors import InputError
 
 COLUMNS: tuple[str, ...] = (
@@ -263,6 +264,9 @@ def read_manifest(path: str | os.PathLike, *, default_source: str | None = None,
 
     Every problem raises :class:`InputError` naming file, line, study and column. Also checked: no duplicate
     (study, image, level) rows, one split per study, and (``check_files=True``) that every image exists.
+    Herniation and stenosis are graded independently: one level may have a ``dh_*`` row **and** a ``ccs_*`` row
+    (each with its own landmark; the per-pathology models each read their own), but not two rows of the same
+    pathology, nor a ``none`` row next to a pathological one.
     ``default_source`` fills an empty/missing ``source`` column (hand-written manifests: ``"manual"``).
     """
     path = Path(path)
@@ -295,11 +299,15 @@ def read_manifest(path: str | os.PathLike, *, default_source: str | None = None,
                 raise InputError(f"{name} line {line}: {len(header) + len(rec[None])} fields, header has {len(header)}"
                                  " (unquoted comma in a point? write points as \"x,y,z\" in quotes)")
             row = _parse_row(rec, f"{name} line {line}", base_dir, default_source).replace(line=line)
-            key = (row.study_id, row.image_path, row.level)
-            if key in seen:
+            fam = pathology_family(row.condition)
+            keys = [(row.study_id, row.image_path, row.level, f) for f in (("none", "dh", "ccs") if fam == "none"
+                                                                         else ("none", fam))]
+            dup = next((seen[k] for k in keys if k in seen), None)
+            if dup is not None:
                 raise InputError(f"{name} line {line} (study {row.study_id!r}), column 'level': duplicate "
-                                 f"{row.level} for image {os.path.basename(row.image_path)!r} (first at line {seen[key]})")
-            seen[key] = line
+                                 f"{row.level} for image {os.path.basename(row.image_path)!r} (first at line {dup}; "
+                                 f"a level takes one row, or one dh_* and one ccs_* row)")
+            seen[(row.study_id, row.image_path, row.level, fam)] = line
             if row.split:
                 prev = study_split.setdefault(row.study_id, (row.split, line))
                 if prev[0] != row.split:

@@ -40,6 +40,12 @@ def parse_condition(name: str) -> str:
     raise InputError(f"unknown condition {name!r}; expected one of {', '.join(CONDITIONS)}")
 
 
+def pathology_family(condition: str) -> str:
+    """'dh' | 'ccs' for a pathological condition, 'none' for healthy (DH and CCS are graded independently)."""
+    c = parse_condition(condition)
+    return c.split("_", 1)[0] if c != "none" else "none"
+
+
 def level_index(name: str) -> int:
     return LEVELS.index(parse_level(name))
 

@@ -186,8 +186,8 @@ def _model_sigma_roi(entry, sigma_mm: float | None) -> tuple[float, float]:
     from .registry import training_info
 
     info = training_info(entry)
-    trained = float(info.get("sigma_mm", DEFAULT_SIGMA_MM))
-    roi = float(info.get("roi_threshold", ROI_THRESHOLD))
+    trained = float(info.get("sigma_mm") or DEFAULT_SIGMA_MM)
+    roi = float(info.get("roi_threshold") or ROI_THRESHOLD)
     if sigma_mm is None:
         return trained, roi
     if abs(float(sigma_mm) - trained) > 1e-6 and (entry.id, float(sigma_mm)) not in _SIGMA_WARNED:
