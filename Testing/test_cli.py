@@ -276,7 +276,8 @@ def test_serve_wiring_and_token_file(tmp_path, capsys, monkeypatch):
     rc, so, se = _main(["serve", "--port", "8123", "--token-file", str(tok), "--registry", "R.json",
                         "--max-request-mb", "64"], capsys)
     assert rc == 0, se
-    assert got == {"host": "127.0.0.1", "port": 8123, "token": "s3cret", "registry": "R.json", "max_request_mb": 64.0}
+    assert got == {"host": "127.0.0.1", "port": 8123, "token": "s3cret", "registry": "R.json", "max_request_mb": 64.0,
+                   "parent_pid": None}
     tok.write_text("")
     rc, so, se = _main(["serve", "--token-file", str(tok)], capsys)
     assert rc == 2 and "is empty" in se

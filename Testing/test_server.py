@@ -270,7 +270,7 @@ def test_remote_client_round_trip(live_server, tmp_path):
     client = RemoteClient(url, TOKEN)
     assert client.health()["status"] == "ok"
     job = RemoteJob(client, str(tmp_path / "in.nrrd"), PARAMS, str(tmp_path / "out"))
-    job.POLL_INTERVAL = 0.05
+    job.pollInterval = 0.05
     events = []
     assert job.start().wait(timeout=30, onEvent=events.append) == "done", job.error
     kinds = [e["event"] for e in events]
@@ -281,7 +281,7 @@ def test_remote_client_round_trip(live_server, tmp_path):
     assert [p["seed"] for p in job.result["provenances"]] == [5, 6]
     # cancel: the job ends 'cancelled' and the server forgets nothing it should keep
     slow = RemoteJob(client, str(tmp_path / "in.nrrd"), {**PARAMS, "steps": 2000}, str(tmp_path / "out2"))
-    slow.POLL_INTERVAL = 0.05
+    slow.pollInterval = 0.05
     slow.start()
     while slow.isRunning() and not slow.lastProgress:
         slow.poll()
