@@ -1,64 +1,35 @@
 """SpineInpaint: inpaint lumbar-spine pathology (disc herniation, central canal stenosis) into sagittal T2 MRI.
 
-Thin 3D Slicer module (Module / Widget / Logic / Test). All logic lives in ``SpineInpaintLib`` (plain functions and
-classes, testable without the GUI); the diffusion model runs in a separate backend process (``spine-ldm``) or on a
-remote server, never in the Slicer process.
+Thin 3D Slicer module (Module / ParameterNode / Widget / Logic / Test). All logic lives in ``SpineInpaintLib`` (plain
+functions and classes, testable without the GUI); the diffusion model runs in a separate backend process (the warm
+local worker, a one-shot ``spine-ldm`` process, or a remote server), never in the Slicer process. Nothing here
+blocks the GUI: jobs, downloads, hashing, imports, the phantom and the connection test run in the background and
+are polled from one timer.
 """
 import logging
 import os
-import tempfile
-import unittest
+from typing import Annotated
 
+import qt
 import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
-try:  # GUI-only pieces: absent under headless slicer-core (tests import this file there)
-    import qt
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-    from slicer.util import VTKObservationMixin
-
-    GUI_AVAILABLE = hasattr(slicer, "app")
-except ImportError:  # pragma: no cover - exercised by Testing/test_module_static.py
-    qt = None
-    GUI_AVAILABLE = False
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self):
-            pass
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=0):
-            logging.info(message)
-
-    class VTKObservationMixin:
-        def __init__(self):
-            pass
-
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4 or slicer-core
-    def _(text):
-        return text
-
-from SpineInpaintLib import dependencies, layout, models
+from spine_ldm.conditions import CONDITIONS, LEVELS
+from SpineInpaintLib import MINIMUM_SLICER_VERSION, dependencies, layout, models, sampledata, tasks
 from SpineInpaintLib.level import suggestLevelFromMarkups
-from SpineInpaintLib.logic import InpaintLogic, defaultRegistryPath
-from SpineInpaintLib.parameters import (DEVICES, METHOD_LABELS, METHODS, REF_DISC_CENTERS,
-                                        REF_INPUT, REF_LANDMARK, SEVERITY_LABELS, InpaintParameters,
-                                        conditionFromPathologySeverity, getNodeReference, getParameterNode,
-                                        pathologySeverityFromCondition, setNodeReference)
+from SpineInpaintLib.logic import POLL_INTERVAL_MS, InpaintLogic, defaultRegistryPath, selfTestProblem
+from SpineInpaintLib.parameters import (BACKENDS, DEVICES, METHOD_LABELS, METHODS, SAMPLES_RANGE, SEVERITY_LABELS,
+                                        SIGMA_RANGE_MM, STEPS_RANGE, InpaintParameters, conditionFromPathologySeverity,
+                                        fromParameterNode, pathologySeverityFromCondition)
 
 PATHOLOGY_KEYS = ("dh", "ccs", "none")  # order of pathologyComboBox items in the .ui
-LEVEL_ITEMS = ("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")  # order of levelComboBox items
-POLL_INTERVAL_MS = 100
+_DEFAULTS = InpaintParameters()
 
 
 #
@@ -79,32 +50,83 @@ class SpineInpaint(ScriptedLoadableModule):
             "labelled disc centres: the level is then suggested). 4. Choose level, pathology, severity. 5. Apply.<br>"
             "Each sample becomes a new volume named '&lt;input&gt; &lt;condition&gt; &lt;level&gt; &lt;method&gt; "
             "#k' with provenance in its node attributes (SpineInpaint.*); the input is never modified. "
-            "Results are synthetic: for research, education and reader studies, not for diagnosis.")
+            "Results are synthetic: for research, education and reader studies, not for diagnosis.<br>"
+            "Requires 3D Slicer {version} or later and the PyTorch extension.").format(version=MINIMUM_SLICER_VERSION)
         self.parent.acknowledgementText = _(
             "Method: Hansen et al., Gaussian-weighted latent diffusion inpainting of lumbar spine pathology. "
             "Module structure follows SlicerNNUnet and SlicerMONAIAuto3DSeg.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("aboutToQuit()", stopBackendWorker)
+
+
+def registerSampleData():
+    """The synthetic phantom under its own category in the Sample Data module (generated, not downloaded)."""
+    sampledata.registerSampleData(loadPhantomSample)
+
+
+def loadPhantomSample(source=None):
+    """Sample Data button: open SpineInpaint and load the phantom there (generated in the background)."""
+    slicer.util.selectModule("SpineInpaint")
+    slicer.modules.spineinpaint.widgetRepresentation().self().onLoadPhantomButton()
+
+
+def stopBackendWorker():
+    from SpineInpaintLib import worker
+
+    worker.shutdownWorkers()
+
+
+#
+# SpineInpaintParameterNode
+#
+@parameterNodeWrapper
+class SpineInpaintParameterNode:
+    """The panel's state in the scene: the fields of ``InpaintParameters`` (same names, defaults and ranges) and the
+    selected nodes (node references: they survive scene save / load)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    landmark: vtkMRMLMarkupsFiducialNode
+    discCenters: vtkMRMLMarkupsFiducialNode
+    level: Annotated[str, Choice(LEVELS)] = _DEFAULTS.level
+    levelAuto: bool = _DEFAULTS.levelAuto
+    condition: Annotated[str, Choice(CONDITIONS)] = _DEFAULTS.condition
+    method: Annotated[str, Choice(METHODS)] = _DEFAULTS.method
+    compareMethods: bool = _DEFAULTS.compareMethods
+    model: str = _DEFAULTS.model
+    samples: Annotated[int, WithinRange(*SAMPLES_RANGE)] = _DEFAULTS.samples
+    seed: Annotated[int, Minimum(0)] = _DEFAULTS.seed
+    sigmaMm: Annotated[float, WithinRange(*SIGMA_RANGE_MM)] = _DEFAULTS.sigmaMm
+    steps: Annotated[int, WithinRange(*STEPS_RANGE)] = _DEFAULTS.steps
+    device: Annotated[str, Choice(DEVICES)] = _DEFAULTS.device
+    backend: Annotated[str, Choice(BACKENDS)] = _DEFAULTS.backend
+    remoteUrl: str = _DEFAULTS.remoteUrl
+    remoteTokenFile: str = _DEFAULTS.remoteTokenFile
+    registry: str = _DEFAULTS.registry
 
 
 #
 # SpineInpaintWidget
 #
 class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel: collects parameters into the parameter node, starts/cancels ``InpaintJob``s, shows results."""
+    """Panel: the parameter node (connected to the widgets), background jobs and tasks polled from one timer."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.job = None
+        self.tasks = {}  # name -> tasks.BackgroundTask (model check / download / import, connection test, device)
+        self.phantomLoader = None
         self.lastResults = []
         self.lastLabels = []
         self.lastLandmarkRas = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._updatingGUI = False
         self._observedMarkups = []
         self._models = []
         self._remoteModels = None  # models of the remote server, after "Test connection"
-        self._deviceProbe = None
+        self._deviceInfo = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self):
@@ -118,63 +140,61 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for placeWidget in (self.ui.landmarkPlaceWidget, self.ui.discCentersPlaceWidget):
             placeWidget.setMRMLScene(slicer.mrmlScene)
             placeWidget.buttonsVisible = False
-            placeWidget.placeButton().show()
+        self.ui.discCentersPlaceWidget.placeButton().show()
+        self.ui.landmarkPlaceWidget.placeButton().hide()  # placeLandmarkButton creates the point list on demand
         self.ui.landmarkPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.discCentersPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ShowPlaceMultipleMarkupsOption
-        placeSignal = "activeMarkupsPlaceModeChanged(bool)" if hasattr(
-            self.ui.landmarkPlaceWidget, "activeMarkupsPlaceModeChanged") else "activeMarkupsFiducialPlaceModeChanged(bool)"
-        self.ui.landmarkPlaceWidget.connect(placeSignal, self.onLandmarkPlaceModeChanged)
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
 
-        # GUI -> parameter node
-        for selector in (self.ui.inputVolumeSelector, self.ui.landmarkSelector, self.ui.discCentersSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.onNodeSelectionChanged)
-        for combo in (self.ui.levelComboBox, self.ui.severityComboBox, self.ui.deviceComboBox,
-                      self.ui.modelComboBox):
-            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        # widgets the parameter node cannot bind by itself (label <-> value maps, lists that change)
         self.ui.pathologyComboBox.connect("currentIndexChanged(int)", self.onPathologyChanged)
+        self.ui.severityComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
-        for box in (self.ui.levelAutoCheckBox, self.ui.compareMethodsCheckBox, self.ui.remoteCheckBox):
-            box.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        for spin in (self.ui.samplesSpinBox, self.ui.seedSpinBox, self.ui.stepsSpinBox, self.ui.sigmaSpinBox):
-            spin.connect("valueChanged(double)" if spin is self.ui.sigmaSpinBox else "valueChanged(int)",
-                         self.updateParameterNodeFromGUI)
-        for edit in (self.ui.remoteUrlLineEdit, self.ui.remoteTokenFileLineEdit):
-            edit.connect("editingFinished()", self.updateParameterNodeFromGUI)
-        self.ui.levelAutoCheckBox.connect("toggled(bool)", self.updateLevelSuggestion)
-        self.ui.remoteCheckBox.connect("toggled(bool)", self.onRemoteToggled)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.remoteCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
 
-        # buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.placeLandmarkButton.connect("clicked(bool)", self.onPlaceLandmarkButton)
         self.ui.remoteTestButton.connect("clicked(bool)", self.onRemoteTestButton)
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantomButton)
         self.ui.showCompareButton.connect("clicked(bool)", self.onShowCompareButton)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModelButton)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.hide()
+        self.ui.modelProgressBar.setRange(0, 1000)
+        self.ui.modelProgressBar.hide()
         self.populateSeverity("dh")
-        self.refreshModels()
         self.initializeParameterNode()
+        self.refreshModels()
         self.startDeviceProbe()
 
     def cleanup(self):
         if self.job is not None:
-            self.job.cancel()
+            self.job.requestCancel()
+        for task in self.tasks.values():
+            task.cancel()
+        if self.phantomLoader is not None:
+            self.phantomLoader.cancel()
         self.pollTimer.stop()
-        for node, tag in self._observedMarkups:
-            node.RemoveObserver(tag)
-        self._observedMarkups = []
+        self.setParameterNode(None)
+        self.observeMarkups(clear=True)
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
+
+    def exit(self):
+        # no GUI updates while hidden: connectGui writes the current values again on enter
+        self.setParameterNode(None)
 
     def onReload(self):
         """Developer "Reload": also reload SpineInpaintLib (dependency order), not just this file."""
@@ -184,7 +204,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import SpineInpaintLib
 
         if self.job is not None:
-            self.job.cancel()
+            self.job.requestCancel()
         for name in SpineInpaintLib.SUBMODULES:
             module = sys.modules.get(f"SpineInpaintLib.{name}")
             if module is not None:
@@ -193,9 +213,8 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         if self.job is not None and self.job.state == "running":
-            self.job.cancel()
-            self.finishRun()
-        self._parameterNode = None
+            self.job.requestCancel()  # the timer finishes it; nothing is loaded into the closing scene
+        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -203,97 +222,74 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------ parameter node
     def initializeParameterNode(self):
-        self._parameterNode = getParameterNode(slicer.mrmlScene)
-        if getNodeReference(self._parameterNode, REF_INPUT) is None:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
-                setNodeReference(self._parameterNode, REF_INPUT, first)
-        if getNodeReference(self._parameterNode, REF_LANDMARK) is None:  # ready for a one-click placement
-            landmark = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
-                                                          slicer.mrmlScene.GenerateUniqueName("Landmark"))
-            setNodeReference(self._parameterNode, REF_LANDMARK, landmark)
-        self.updateGUIFromParameterNode()
+        """Observe the module's parameter node; creates no node besides it (the landmark list comes with Place)."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                if not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                    self._parameterNode.inputVolume = volume
+                    break
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        self._parameterNodeGuiTag = None
+        if parameterNode is not None:
+            # widgets with a SlicerParameterName property in the .ui follow the node and write into it
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
 
     def currentParameters(self) -> InpaintParameters:
-        return InpaintParameters.loadFromNode(self._parameterNode)
+        return fromParameterNode(self._parameterNode)
 
-    def updateGUIFromParameterNode(self, caller=None, event=None):
+    def onParameterNodeModified(self, caller=None, event=None):
+        """Scene load, script or widget changed the node: update what connectGui does not bind."""
         if self._parameterNode is None or self._updatingGUI:
             return
+        node = self._parameterNode
         self._updatingGUI = True
         try:
-            p = self.currentParameters()
-            self.ui.inputVolumeSelector.setCurrentNode(getNodeReference(self._parameterNode, REF_INPUT))
-            self.ui.landmarkSelector.setCurrentNode(getNodeReference(self._parameterNode, REF_LANDMARK))
-            self.ui.discCentersSelector.setCurrentNode(getNodeReference(self._parameterNode, REF_DISC_CENTERS))
-            self.ui.landmarkPlaceWidget.setCurrentNode(self.ui.landmarkSelector.currentNode())
-            self.ui.discCentersPlaceWidget.setCurrentNode(self.ui.discCentersSelector.currentNode())
-            if p.level in LEVEL_ITEMS:
-                self.ui.levelComboBox.currentIndex = LEVEL_ITEMS.index(p.level)
-            self.ui.levelAutoCheckBox.checked = p.levelAuto
-            pathology, severity = pathologySeverityFromCondition(p.condition)
+            pathology, severity = pathologySeverityFromCondition(node.condition)
             self.ui.pathologyComboBox.currentIndex = PATHOLOGY_KEYS.index(pathology)
             self.populateSeverity(pathology, severity)
-            self.ui.methodComboBox.currentIndex = METHODS.index(p.method) if p.method in METHODS else 0
-            self.ui.compareMethodsCheckBox.checked = p.compareMethods
-            self.populateModels(p.method, p.model)
-            self.ui.samplesSpinBox.value = p.samples
-            self.ui.seedSpinBox.value = p.seed
-            self.ui.sigmaSpinBox.value = p.sigmaMm
-            self.ui.stepsSpinBox.value = p.steps
-            self.ui.deviceComboBox.currentIndex = DEVICES.index(p.device) if p.device in DEVICES else 0
-            self.ui.remoteCheckBox.checked = p.backend == "remote"
-            self.ui.remoteUrlLineEdit.text = p.remoteUrl
-            self.ui.remoteTokenFileLineEdit.text = p.remoteTokenFile
+            self.ui.methodComboBox.currentIndex = METHODS.index(node.method)
+            self.ui.remoteCheckBox.checked = node.backend == "remote"
+            self.populateModels(node.method, node.model)
+            self.ui.landmarkPlaceWidget.setCurrentNode(node.landmark)
+            self.ui.discCentersPlaceWidget.setCurrentNode(node.discCenters)
         finally:
             self._updatingGUI = False
         self.observeMarkups()
         self.updateLevelSuggestion()
+        self.updateDeviceLabel()
         self.updateButtons()
 
     def updateParameterNodeFromGUI(self, *args):
         if self._parameterNode is None or self._updatingGUI:
             return
-        previous = self.currentParameters()
+        node = self._parameterNode
         pathology = PATHOLOGY_KEYS[max(0, self.ui.pathologyComboBox.currentIndex)]
         try:
             condition = conditionFromPathologySeverity(pathology, self.ui.severityComboBox.currentData or "")
         except ValueError:  # severity list being repopulated
-            condition = previous.condition
-        p = InpaintParameters(
-            level=LEVEL_ITEMS[max(0, self.ui.levelComboBox.currentIndex)],
-            condition=condition,
-            method=METHODS[max(0, self.ui.methodComboBox.currentIndex)],
-            samples=self.ui.samplesSpinBox.value, seed=self.ui.seedSpinBox.value,
-            sigmaMm=self.ui.sigmaSpinBox.value, steps=self.ui.stepsSpinBox.value,
-            device=DEVICES[max(0, self.ui.deviceComboBox.currentIndex)],
-            model=self.ui.modelComboBox.currentData or "",
-            levelAuto=self.ui.levelAutoCheckBox.checked, compareMethods=self.ui.compareMethodsCheckBox.checked,
-            backend="remote" if self.ui.remoteCheckBox.checked else "local",
-            remoteUrl=self.ui.remoteUrlLineEdit.text.strip(), remoteTokenFile=self.ui.remoteTokenFileLineEdit.text.strip(),
-            registry=previous.registry)
-        p.saveToNode(self._parameterNode)
-        self.updateDeviceLabel()
-        self.updateButtons()
-
-    def onNodeSelectionChanged(self, *args):
-        if self._parameterNode is None or self._updatingGUI:
-            return
-        setNodeReference(self._parameterNode, REF_INPUT, self.ui.inputVolumeSelector.currentNode())
-        setNodeReference(self._parameterNode, REF_LANDMARK, self.ui.landmarkSelector.currentNode())
-        setNodeReference(self._parameterNode, REF_DISC_CENTERS, self.ui.discCentersSelector.currentNode())
-        self.ui.landmarkPlaceWidget.setCurrentNode(self.ui.landmarkSelector.currentNode())
-        self.ui.discCentersPlaceWidget.setCurrentNode(self.ui.discCentersSelector.currentNode())
-        self.observeMarkups()
-        self.updateLevelSuggestion()
-        self.updateButtons()
+            condition = node.condition
+        with slicer.util.NodeModify(node):
+            node.condition = condition
+            node.method = METHODS[max(0, self.ui.methodComboBox.currentIndex)]
+            node.model = self.ui.modelComboBox.currentData or ""
+            node.backend = "remote" if self.ui.remoteCheckBox.checked else "local"
 
     # ------------------------------------------------------------------------------------------ markups
-    def observeMarkups(self):
+    def observeMarkups(self, clear=False):
         for node, tag in self._observedMarkups:
             node.RemoveObserver(tag)
         self._observedMarkups = []
-        for node in (self.ui.landmarkSelector.currentNode(), self.ui.discCentersSelector.currentNode()):
+        if clear or self._parameterNode is None:
+            return
+        for node in (self._parameterNode.landmark, self._parameterNode.discCenters):
             if node is None:
                 continue
             for event in ("PointPositionDefinedEvent", "PointModifiedEvent", "PointRemovedEvent",
@@ -306,22 +302,27 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateLevelSuggestion()
         self.updateButtons()
 
-    def onLandmarkPlaceModeChanged(self, active):
-        """One click places the landmark: placing again replaces the previous point."""
-        node = self.ui.landmarkSelector.currentNode()
-        if active and node is not None and node.GetNumberOfControlPoints() > 0:
-            node.RemoveAllControlPoints()
+    def onPlaceLandmarkButton(self, *args):
+        """One click: a "Landmark" point list is created if none is selected, the old point is replaced."""
+        node = self._parameterNode.landmark
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                                      slicer.mrmlScene.GenerateUniqueName("Landmark"))
+            self._parameterNode.landmark = node
+        node.RemoveAllControlPoints()
+        self.ui.landmarkPlaceWidget.setCurrentNode(node)
+        self.ui.landmarkPlaceWidget.setPlaceModeEnabled(True)
 
     def updateLevelSuggestion(self, *args):
-        suggestion = suggestLevelFromMarkups(self.ui.landmarkSelector.currentNode(),
-                                             self.ui.discCentersSelector.currentNode())
+        node = self._parameterNode
+        suggestion = suggestLevelFromMarkups(node.landmark, node.discCenters) if node is not None else None
         if suggestion is None:
             self.ui.levelSuggestionLabel.text = ""
             return
         self.ui.levelSuggestionLabel.text = _("Nearest disc centre: {level} ({dist:.1f} mm from the landmark)").format(
             level=suggestion.level, dist=suggestion.distanceMm)
-        if self.ui.levelAutoCheckBox.checked and suggestion.level in LEVEL_ITEMS:
-            self.ui.levelComboBox.currentIndex = LEVEL_ITEMS.index(suggestion.level)
+        if node.levelAuto and suggestion.level != node.level:
+            node.level = suggestion.level
 
     # ------------------------------------------------------------------------------------------ combo boxes
     def onPathologyChanged(self, index):
@@ -344,106 +345,190 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMethodChanged(self, index):
         if not self._updatingGUI:
-            self.populateModels(METHODS[max(0, index)], "")
+            self.populateModels(METHODS[max(0, index)], "")  # "default for this method"
         self.updateParameterNodeFromGUI()
 
-    def onRemoteToggled(self, *args):
-        """Local and remote backends have their own model lists."""
-        if not self._updatingGUI and self._parameterNode is not None:
-            p = self.currentParameters()
-            self.populateModels(p.method, p.model)
+    # ------------------------------------------------------------------------------------------ models
+    def registryPath(self):
+        registry = self._parameterNode.registry if self._parameterNode is not None else ""
+        registry = registry or defaultRegistryPath()
+        return registry if os.path.exists(registry) else None
 
     def refreshModels(self):
-        registry = self._parameterNode and self.currentParameters().registry or defaultRegistryPath()
+        """The registry's entries at once (no hashing), their sha256 status from a background task."""
+        registry = self.registryPath()
         try:
-            self._models = models.listModels(registry if os.path.exists(registry) else None)
+            self._models = models.listModels(registry, verify=False)
         except Exception as e:
             self._models = []
             self.ui.modelStatusLabel.text = _("Model registry unreadable: {error}").format(error=e)
+            return
+        self.startTask("verifyModels", models.listModelsTask(registry))
+        self.repopulateModels()
+
+    def availableModels(self):
+        remote = self.ui.remoteCheckBox.checked and self._remoteModels is not None
+        return self._remoteModels if remote else self._models  # the server's list once connected
+
+    def repopulateModels(self):
+        if self._parameterNode is not None:  # hidden module: enter() shows the current list
+            self.populateModels(self._parameterNode.method, self._parameterNode.model)
 
     def populateModels(self, method, current=""):
+        """'default for this method' (the backend picks the model per method and condition) + registry entries."""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        combo.addItem(_("default ({model})").format(model=models.defaultModelFor(method)), "")
-        remote = self.ui.remoteCheckBox.checked and self._remoteModels is not None
-        available = self._remoteModels if remote else self._models  # the server's list once connected
+        combo.addItem(_("default for this method"), "")
+        available = self.availableModels()
         for info in models.modelsForMethod(available, method):
             combo.addItem(info.label(), info.id)
             combo.setItemData(combo.count - 1, info.tooltip(), qt.Qt.ToolTipRole)
         index = combo.findData(current) if current else 0
         combo.currentIndex = max(0, index)
         combo.blockSignals(wasBlocked)
-        modelId = current or models.defaultModelFor(method)
-        info = next((m for m in available if m.id == modelId), None)
+        self.updateModelStatus()
+
+    def selectedModel(self):
+        modelId = self.ui.modelComboBox.currentData or ""
+        return next((m for m in self.availableModels() if m.id == modelId), None) if modelId else None
+
+    def updateModelStatus(self):
+        info = self.selectedModel()
+        busy = any(name in self.tasks for name in ("downloadModel", "importModel"))
+        remote = self.ui.remoteCheckBox.checked
+        self.ui.importModelButton.enabled = not busy and not remote
+        self.ui.downloadModelButton.enabled = "downloadModel" in self.tasks or (
+            not busy and not remote and info is not None and models.needsDownload(info))
+        self.ui.downloadModelButton.text = _("Cancel download") if "downloadModel" in self.tasks else _("Download")
+        if busy:
+            return
         if info is None:
-            self.ui.modelStatusLabel.text = _("Model {model} is not registered.").format(model=modelId)
+            self.ui.modelStatusLabel.text = _("checking models...") if "verifyModels" in self.tasks else ""
         elif info.status != "ok":
-            self.ui.modelStatusLabel.text = "; ".join(m for m in info.messages if "ok" not in m) or info.status
+            self.ui.modelStatusLabel.text = "; ".join(m for m in info.messages if not m.endswith(": ok")) or info.status
         else:
             self.ui.modelStatusLabel.text = ""
 
-    # ------------------------------------------------------------------------------------------ device
-    def startDeviceProbe(self):
-        """Probe the backend's torch / CUDA in a background thread (never imports torch here)."""
-        import threading
+    def onImportModelButton(self, *args):
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a trained model"), "",
+                                              _("Model zip (*.zip)"))
+        if path:
+            self.startTask("importModel", models.importTask(path))
+            self.ui.modelStatusLabel.text = _("Importing {name}...").format(name=os.path.basename(path))
+            self.updateModelStatus()
 
+    def onDownloadModelButton(self, *args):
+        if "downloadModel" in self.tasks:
+            self.tasks["downloadModel"].cancel()
+            return
+        info = self.selectedModel()
+        if info is None:
+            return
+        self.startTask("downloadModel", models.downloadTask(info.id, self.registryPath()))
+        self.updateModelStatus()
+
+    # ------------------------------------------------------------------------------------------ background work
+    def startTask(self, name, task):
+        old = self.tasks.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self.tasks[name] = task
+        self.pollTimer.start()
+
+    def onPollTimer(self):
+        """Poll everything that runs in the background; the timer stops when nothing does."""
+        if self.job is not None and self.job.state == "running":
+            self.job.poll()
+            self.ui.progressBar.value = int(1000 * self.job.progress())
+            self.ui.progressBar.setFormat(self.job.progressText())
+            if self.job.state != "running":
+                self.finishRun()
+        for name, task in list(self.tasks.items()):
+            if task.poll() == tasks.RUNNING:
+                if name == "downloadModel":
+                    self.ui.modelProgressBar.show()
+                    self.ui.modelProgressBar.value = int(1000 * (task.fraction or 0.0))
+                    self.ui.modelProgressBar.setFormat(task.text)
+                continue
+            del self.tasks[name]
+            getattr(self, f"on{name[0].upper()}{name[1:]}Finished")(task)
+        if self.phantomLoader is not None and self.phantomLoader.poll() != "running":
+            loader, self.phantomLoader = self.phantomLoader, None
+            self.onPhantomLoaded(loader)
+        running = self.job is not None and self.job.state == "running"
+        if not running and not self.tasks and self.phantomLoader is None:
+            self.pollTimer.stop()
+
+    def onVerifyModelsFinished(self, task):
+        if task.state == tasks.DONE:
+            self._models = task.result
+        self.repopulateModels()
+
+    def onDownloadModelFinished(self, task):
+        self.ui.modelProgressBar.hide()
+        if task.state == tasks.DONE:
+            self._models = [task.result if m.id == task.result.id else m for m in self._models]
+            self.setStatus(_("Model {model} downloaded, sha256 {status}").format(model=task.result.id,
+                                                                                  status=task.result.status))
+        else:
+            self.setStatus(_("Download: {message}").format(message=task.message))
+        self.repopulateModels()
+
+    def onImportModelFinished(self, task):
+        if task.state == tasks.DONE:
+            self.setStatus(_("Model {model} imported").format(model=task.result))
+            self.refreshModels()
+        else:
+            self.setStatus(_("Import failed: {message}").format(message=task.message))
+            self.updateModelStatus()
+
+    def startDeviceProbe(self):
+        """What the backend will run on (torch / CUDA), probed in a subprocess from a background thread."""
         from SpineInpaintLib.runner import backendEnvironment, pythonExecutable
 
         status = dependencies.torchStatus()
         if not status.installed:
             self.ui.deviceInfoLabel.text = status.message()
             return
-        result = {}
         python, env = pythonExecutable(), backendEnvironment()  # Qt calls stay on the main thread
-
-        def probe():
-            try:
-                result["info"] = dependencies.probeDevice(python, env)
-            except Exception as e:  # the label must never stay on "checking"
-                result["info"] = dependencies.DeviceInfo(error=str(e))
-
-        self._deviceProbe = (threading.Thread(target=probe, daemon=True), result)
-        self._deviceProbe[0].start()
+        self.startTask("deviceProbe", tasks.BackgroundTask(
+            lambda progress, cancelled: dependencies.probeDevice(python, env), "device probe").start())
         self.ui.deviceInfoLabel.text = _("checking the device...")
-        qt.QTimer.singleShot(500, self._waitForDeviceProbe)
 
-    def _waitForDeviceProbe(self):
-        thread, result = self._deviceProbe
-        if "info" not in result and thread.is_alive():
-            qt.QTimer.singleShot(500, self._waitForDeviceProbe)
-        else:
-            self.updateDeviceLabel()
+    def onDeviceProbeFinished(self, task):
+        self._deviceInfo = task.result if task.state == tasks.DONE else dependencies.DeviceInfo(error=task.message)
+        self.updateDeviceLabel()
 
     def updateDeviceLabel(self):
         """'CUDA found: <name>' or 'running on CPU, expect ~N s' for the current parameters."""
-        if self._deviceProbe is None or "info" not in self._deviceProbe[1]:
+        if self._deviceInfo is None or self._parameterNode is None:
             return
-        result = self._deviceProbe[1]
         p = self.currentParameters()
         info = next((m for m in self._models if m.id == (p.model or models.defaultModelFor(p.method))), None)
         self.ui.deviceInfoLabel.text = dependencies.deviceMessage(
-            result["info"], p.device, p.steps, p.samples, info.config if info else "small",
+            self._deviceInfo, p.device, p.steps, p.samples, info.config if info else "small",
             methods=p.methodsToRun())
 
     # ------------------------------------------------------------------------------------------ run
     def updateButtons(self):
         running = self.job is not None and self.job.state == "running"
         problems = []
-        if self._parameterNode is not None:
+        node = self._parameterNode
+        if node is not None:
             problems = self.currentParameters().validate()
-        volume = self.ui.inputVolumeSelector.currentNode()
-        landmark = self.ui.landmarkSelector.currentNode()
-        if volume is None:
-            problems.append(_("Select an input volume."))
-        if landmark is None or landmark.GetNumberOfControlPoints() == 0:
-            problems.append(_("Place the landmark."))
-        self.ui.applyButton.enabled = not running and not problems
+            if node.inputVolume is None:
+                problems.append(_("Select an input volume."))
+            if node.landmark is None or node.landmark.GetNumberOfControlPoints() == 0:
+                problems.append(_("Place the landmark."))
+        self.ui.applyButton.enabled = node is not None and not running and not problems
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Inpaint the pathology")
-        self.ui.cancelButton.enabled = running
+        self.ui.cancelButton.enabled = running and not self.job.cancelRequested
         self.ui.showCompareButton.enabled = bool(self.lastResults) and not running
+        self.ui.loadPhantomButton.enabled = self.phantomLoader is None
 
     def setupDependencies(self, params) -> bool:
+        """torch (PyTorch extension, minimum from requirements.txt) and the pinned backend packages."""
         if params.backend == "remote":
             return True
         dependencies.ensureTorch(askConfirmation=True)
@@ -455,45 +540,37 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             with slicer.util.WaitCursor():
                 dependencies.installRequirements(log=self.log)
+        conflicts = dependencies.dependencyConflicts()
+        if conflicts:
+            raise dependencies.DependencyError(conflicts[0])
         return True
 
     def onApplyButton(self, *args):
         if self.job is not None and self.job.state == "running":
             return
-        self.updateParameterNodeFromGUI()
+        node = self._parameterNode
         params = self.currentParameters()
         self.ui.logTextEdit.clear()
         try:
             if not self.setupDependencies(params):
                 self.setStatus(_("Cancelled: dependencies not installed."))
                 return
-            self.job = self.logic.start(self.ui.inputVolumeSelector.currentNode(), self.ui.landmarkSelector.currentNode(),
-                                        params, self.ui.discCentersSelector.currentNode(), onEvent=self.onJobEvent,
-                                        token=self.ui.remoteTokenLineEdit.text.strip())
+            self.job = self.logic.start(node.inputVolume, node.landmark, params, node.discCenters,
+                                        onEvent=self.onJobEvent, token=self.ui.remoteTokenLineEdit.text.strip())
         except Exception as e:  # one line for the user, details in the log
             logging.exception("SpineInpaint: could not start")
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = tasks.oneLine(e)
             self.setStatus(message)
             slicer.util.errorDisplay(_("Could not start: {message}").format(message=message))
             return
         from SpineInpaintLib.nodes import controlPointWorld
 
-        self.lastLandmarkRas = list(controlPointWorld(self.ui.landmarkSelector.currentNode(), 0))  # world RAS
+        self.lastLandmarkRas = list(controlPointWorld(node.landmark, 0))  # world RAS
         self.ui.progressBar.value = 0
         self.ui.progressBar.setFormat(_("starting backend..."))
         self.ui.progressBar.show()
         self.pollTimer.start()
         self.updateButtons()
-
-    def onPollTimer(self):
-        if self.job is None:
-            self.pollTimer.stop()
-            return
-        self.job.poll()
-        self.ui.progressBar.value = int(1000 * self.job.progress())
-        self.ui.progressBar.setFormat(self.job.progressText())
-        if self.job.state != "running":
-            self.finishRun()
 
     def onJobEvent(self, job, event):
         kind = event.get("event")
@@ -507,15 +584,13 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(event.get("message", ""))
 
     def finishRun(self):
-        self.pollTimer.stop()
         job = self.job
         if job is None:
             return
         if job.state == "done":
             self.lastResults = [job.inputVolume] + list(job.outputNodes)
             if len(job.methods) > 1:  # input | weighted | masked | RePaint (sample k of each method)
-                self.lastLabels = ["In"] + [METHOD_LABELS[n.GetAttribute("SpineInpaint.method")] if
-                                            n.GetAttribute("SpineInpaint.method") in METHOD_LABELS else "?"
+                self.lastLabels = ["In"] + [METHOD_LABELS.get(n.GetAttribute("SpineInpaint.method"), "?")
                                             for n in job.outputNodes]
             else:  # input | sample 1..K
                 self.lastLabels = ["In"] + [str(i + 1) for i in range(len(job.outputNodes))]
@@ -527,10 +602,12 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onCancelButton(self, *args):
-        if self.job is None:
+        """Never waits: the backend is told to stop, the timer reports 'cancelled' once it did (within 2 s)."""
+        if self.job is None or self.job.state != "running":
             return
-        self.job.cancel(timeout=2.0)
-        self.finishRun()
+        self.job.requestCancel()
+        self.ui.progressBar.setFormat(self.job.progressText())
+        self.updateButtons()
 
     def showResults(self):
         if not self.lastResults:
@@ -546,45 +623,59 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------ misc buttons
     def onRemoteTestButton(self, *args):
-        from SpineInpaintLib.remote import RemoteClient, RemoteError
+        from SpineInpaintLib.remote import RemoteClient
 
-        params = self.currentParameters()
         try:
-            token = InpaintLogic.remoteToken(params, self.ui.remoteTokenLineEdit.text.strip())
+            token = InpaintLogic.remoteToken(self.currentParameters(), self.ui.remoteTokenLineEdit.text.strip())
             client = RemoteClient(self.ui.remoteUrlLineEdit.text, token, timeout=10)
-            with slicer.util.WaitCursor():
-                health = client.health()
-                remoteModels = client.models()
+        except Exception as e:
+            self.ui.remoteStatusLabel.text = tasks.oneLine(e)
+            return
+        self.ui.remoteStatusLabel.text = _("connecting to {url}...").format(url=client.url)
+        self.ui.remoteTestButton.enabled = False
+        self.startTask("remoteTest", tasks.BackgroundTask(
+            lambda progress, cancelled: (client.health(), client.models()), "connection test").start())
+
+    def onRemoteTestFinished(self, task):
+        self.ui.remoteTestButton.enabled = True
+        if task.state == tasks.DONE:
+            health, remoteModels = task.result
             self.ui.remoteStatusLabel.text = _("Connected: spine-ldm {version}, {n} model(s), {q} job(s) queued").format(
                 version=health.get("version", "?"), n=len(remoteModels), q=health.get("queued", 0))
             self._remoteModels = models.fromRemote(remoteModels)
-        except (RemoteError, OSError) as e:
-            self.ui.remoteStatusLabel.text = str(e)
+        else:
+            self.ui.remoteStatusLabel.text = task.message
             self._remoteModels = None
-        p = self.currentParameters()
-        self.populateModels(p.method, p.model)
+        self.repopulateModels()
 
     def onLoadPhantomButton(self, *args):
-        from SpineInpaintLib import sampledata
-
-        outDir = tempfile.mkdtemp(prefix="SpinePhantom-")
-        try:
-            with slicer.util.WaitCursor():
-                self.setStatus(_("Generating the synthetic phantom..."))
-                sampledata.generatePhantom(outDir)
-                volume, discs, landmark = sampledata.loadPhantom(outDir)
-        except Exception as e:
-            slicer.util.errorDisplay(_("Phantom generation failed: {error}").format(error=e))
+        """Generate the phantom in the background; the nodes appear when it is written."""
+        if self.phantomLoader is not None:
             return
-        setNodeReference(self._parameterNode, REF_INPUT, volume)
-        setNodeReference(self._parameterNode, REF_LANDMARK, landmark)
-        setNodeReference(self._parameterNode, REF_DISC_CENTERS, discs)
-        self.updateGUIFromParameterNode()
+        self.phantomLoader = sampledata.PhantomLoader(seed=0, scene=slicer.mrmlScene).start()
+        self.setStatus(_("Generating the synthetic phantom..."))
+        self.pollTimer.start()
+        self.updateButtons()
+
+    def onPhantomLoaded(self, loader):
+        self.updateButtons()
+        if loader.state != "done":
+            self.setStatus(loader.message)
+            if loader.state == "error":
+                slicer.util.errorDisplay(_("Phantom generation failed: {error}").format(error=loader.message))
+            return
+        volume, discs, landmark = loader.nodes
+        node = self._parameterNode or self.logic.getParameterNode()  # also when the module is not shown
+        with slicer.util.NodeModify(node):
+            node.inputVolume = volume
+            node.landmark = landmark
+            node.discCenters = discs
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         p = [0.0, 0.0, 0.0]
         landmark.GetNthControlPointPositionWorld(0, p)
         slicer.modules.markups.logic().JumpSlicesToLocation(p[0], p[1], p[2], True)
         self.setStatus(_("Phantom loaded: landmark at the L4-L5 posterior disc margin."))
+        self.updateButtons()
 
     def setStatus(self, text):
         self.ui.statusLabel.text = text
@@ -611,45 +702,45 @@ class SpineInpaintLogic(ScriptedLoadableModuleLogic, InpaintLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         InpaintLogic.__init__(self, scene=scene, **kwargs)
 
+    def getParameterNode(self):
+        return SpineInpaintParameterNode(super().getParameterNode())
+
 
 #
 # SpineInpaintTest
 #
 class SpineInpaintTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test in 3D Slicer: phantom -> landmark -> bundled demo weights -> output node checks.
+    """End-to-end self-test in 3D Slicer: phantom -> landmark -> bundled demo weights -> output node checks, cancel.
 
     Run it from the module's "Reload and Test" button (Developer mode), or
     ``Slicer --no-main-window --python-code "import SpineInpaint; SpineInpaint.SpineInpaintTest().runTest(); exit()"``
-    or through ctest (``slicer_add_python_unittest``). It needs PyTorch (PyTorch extension) and the demo weights
-    listed in ``Resources/Models.json`` (or the registry named by env ``SPINE_LDM_REGISTRY``); about a minute on a
-    CPU. ``Testing/test_slicer_lib.py`` also runs it headless under slicer-core with random-init weights.
+    or through ctest (``slicer_add_python_unittest``). It needs PyTorch (PyTorch extension), the backend packages
+    (press Apply once) and the demo weights listed in ``Resources/Models.json`` (or the registry named by env
+    ``SPINE_LDM_REGISTRY``); about a minute on a CPU. Without them (the Slicer factory's build machines) it is skipped
+    with the reason. ``Testing/test_slicer_lib.py`` also runs it headless under slicer-core with random-init weights.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        problem = selfTestProblem()
+        if problem:  # "Reload and Test": say why instead of failing
+            logging.warning("SpineInpaintTest skipped: %s", problem)
+            self.delayDisplay(f"SpineInpaintTest skipped: {problem}")
+            return
         self.setUp()
         self.test_InpaintPhantom()
         self.setUp()
         self.test_CancelLeavesSceneUntouched()
 
-    def _prerequisites(self):
-        from SpineInpaintLib import nodes
-
-        status = dependencies.torchStatus()
-        self.assertTrue(status.installed, status.message())
-        missing = dependencies.missingRequirements()
-        self.assertEqual(missing, [], f"missing backend packages (press Apply once to install): {missing}")
-        registry = os.environ.get("SPINE_LDM_REGISTRY") or defaultRegistryPath()  # env: same rule as the backend
-        self.assertTrue(os.path.exists(registry), f"model registry {registry} is missing")
-        demo = {m.id: m for m in models.listModels(registry)}.get("demo-small-weighted")
-        self.assertIsNotNone(demo, "demo-small-weighted is not in Resources/Models.json")
-        self.assertEqual(demo.status, "ok", "; ".join(demo.messages))
-        return nodes, demo
+    def _requirePrerequisites(self):
+        problem = selfTestProblem()
+        if problem:  # ctest / unittest: reported as skipped, not failed
+            self.skipTest(problem)
 
     def _phantom(self):
-        from SpineInpaintLib import sampledata
+        import tempfile
 
         outDir = tempfile.mkdtemp(prefix="SpineInpaintTest-")
         sampledata.generatePhantom(outDir, seed=0)
@@ -658,7 +749,11 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
     def test_InpaintPhantom(self):
         import numpy as np
 
-        nodes, demo = self._prerequisites()
+        from SpineInpaintLib import nodes
+
+        self._requirePrerequisites()
+        registry = os.environ.get("SPINE_LDM_REGISTRY") or defaultRegistryPath()
+        demo = {m.id: m for m in models.listModels(registry)}[models.defaultModelFor("weighted")]
         self.delayDisplay("Generating the phantom")
         volume, discs, landmark = self._phantom()
         before = nodes.snapshotNode(volume)
@@ -670,8 +765,9 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
                          ["SpinePhantom DH-mod/large L4-L5 weighted #1", "SpinePhantom DH-mod/large L4-L5 weighted #2"])
         for k, node in enumerate(outputs):
             self.assertTrue(np.array_equal(nodes.ijkToRasMatrix(node), nodes.ijkToRasMatrix(volume)))
+            self.assertIs(node.GetNodeReference(nodes.INPUT_REFERENCE_ROLE), volume)
             prov = nodes.getProvenanceAttributes(node)
-            self.assertEqual(prov["model_id"], "demo-small-weighted")
+            self.assertEqual(prov["model_id"], demo.id)
             for name, sha in demo.sha256.items():
                 self.assertEqual(prov["weights_sha256"][name], sha)
             self.assertEqual((prov["seed"], prov["level"], prov["level_source"]), (4 + k, "L4-L5", "suggested"))
@@ -689,18 +785,23 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
     def test_CancelLeavesSceneUntouched(self):
         import time
 
-        nodes, _demo = self._prerequisites()
+        self._requirePrerequisites()
         volume, discs, landmark = self._phantom()
         count = slicer.mrmlScene.GetNumberOfNodes()
         job = SpineInpaintLogic().start(volume, landmark, InpaintParameters(steps=1000), discs)
         deadline = time.monotonic() + 300
         while job.state == "running" and job.step == 0 and time.monotonic() < deadline:
             job.poll()
-            if GUI_AVAILABLE:
-                slicer.app.processEvents()
+            slicer.app.processEvents()
             time.sleep(0.1)
         self.assertEqual(job.state, "running", job.message)
-        self.assertTrue(job.cancel(timeout=2.0), "the backend did not stop within 2 s")
-        self.assertEqual(job.state, "cancelled")
+        t0 = time.monotonic()
+        job.requestCancel()
+        while job.state == "running" and time.monotonic() - t0 < 5:
+            job.poll()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(job.state, "cancelled", job.message)
+        self.assertLess(time.monotonic() - t0, 2.0, "the backend did not stop within 2 s")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Cancel test passed")

@@ -30,7 +30,7 @@ from SpineInpaintLib import dependencies, layout, level, models, nodes, runner  
 from SpineInpaintLib.logic import InpaintLogic  # noqa: E402
 from SpineInpaintLib.parameters import METHODS as METHODS_ALL  # noqa: E402
 from SpineInpaintLib.parameters import (InpaintParameters, conditionFromPathologySeverity,  # noqa: E402
-                                        getParameterNode, pathologySeverityFromCondition)
+                                        pathologySeverityFromCondition)
 
 # ---------------------------------------------------------------------------------------------- fixtures
 FAKE_BACKEND = textwrap.dedent(r'''
@@ -280,16 +280,14 @@ def test_load_output_identical_geometry_and_provenance(scene, tmp_path):
     assert len(volume_nodes(scene)) == n_before
 
 
-def test_parameters_round_trip_and_validation(scene):
-    node = getParameterNode(scene)
-    assert getParameterNode(scene) is node or getParameterNode(scene).GetID() == node.GetID()
+def test_parameters_validation():
+    # persistence in the parameter node: Testing/test_panel.py
     p = InpaintParameters(level="L5-S1", condition="ccs_severe", method="repaint", samples=4, seed=9, sigmaMm=11.5,
                           steps=25, device="cpu", model="m", levelAuto=False, compareMethods=True,
                           backend="remote", remoteUrl="https://gpu:8000")
-    p.saveToNode(node)
-    assert InpaintParameters.loadFromNode(node) == p
-    assert InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x").validate() and \
-        len(InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x").validate()) == 4
+    assert p.validate() == [] and p.normalized() == p
+    bad = InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x").validate()
+    assert len(bad) == 4 and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm (got 0.1)." in bad
     assert conditionFromPathologySeverity("dh", "moderate_large") == "dh_moderate_large"
     assert conditionFromPathologySeverity("none", "") == "none"
     assert pathologySeverityFromCondition("ccs_moderate") == ("ccs", "moderate")
@@ -637,295 +635,7 @@ def test_batch_example_script(tmp_path):
         assert res.GetPixelID() == img.GetPixelID()
 
 
-# ---------------------------------------------------------------------------------------------- widget (fake Qt)
-class _W:
-    """Minimal stand-in for the Qt/MRML widgets of the .ui: properties, signals, combo items, node selection."""
-
-    def __init__(self, name, cls, items=()):
-        self.name, self.cls = name, cls
-        self._slots, self._blocked = {}, False
-        self.text, self.toolTip, self.enabled, self.visible = "", "", True, True
-        self.buttonsVisible, self.placeMultipleMarkups = True, None
-        self._checked, self._value, self._node = False, 0, None
-        self._items = [[t, None, None] for t in items]
-        self._index = 0 if self._items else -1
-        self.lines, self.format, self.range = [], "", (0, 100)
-
-    def connect(self, signal, slot):
-        self._slots.setdefault(signal, []).append(slot)
-
-    def emit(self, signal, *args):
-        if not self._blocked:
-            for slot in list(self._slots.get(signal, [])):
-                slot(*args)
-
-    def blockSignals(self, b):
-        old, self._blocked = self._blocked, b
-        return old
-
-    # check boxes / spin boxes
-    checked = property(lambda self: self._checked, lambda self, v: self._set("_checked", bool(v), "toggled(bool)"))
-
-    @property
-    def value(self):
-        return self._value
-
-    @value.setter
-    def value(self, v):
-        self._set("_value", v, "valueChanged(double)" if self.cls == "QDoubleSpinBox" else "valueChanged(int)")
-
-    def _set(self, attr, v, signal):
-        if getattr(self, attr) != v:
-            setattr(self, attr, v)
-            self.emit(signal, v)
-
-    # combo boxes
-    @property
-    def currentIndex(self):
-        return self._index
-
-    @currentIndex.setter
-    def currentIndex(self, i):
-        self._set("_index", int(i), "currentIndexChanged(int)")
-
-    @property
-    def count(self):
-        return len(self._items)
-
-    @property
-    def currentData(self):
-        return self._items[self._index][1] if 0 <= self._index < len(self._items) else None
-
-    def addItem(self, text, data=None):
-        self._items.append([text, data, None])
-        if self._index < 0:
-            self.currentIndex = 0
-
-    def findData(self, data):
-        return next((i for i, it in enumerate(self._items) if it[1] == data), -1)
-
-    def setItemData(self, i, value, role):
-        self._items[i][2] = value
-
-    def clear(self):
-        if self.cls == "QPlainTextEdit":
-            self.lines = []
-            return
-        self._items = []
-        self.currentIndex = -1
-
-    # node selectors, place widgets
-    def setMRMLScene(self, scene):
-        pass
-
-    def setCurrentNode(self, node):
-        if node is not self._node:
-            self._node = node
-            self.emit("currentNodeChanged(vtkMRMLNode*)", node)
-
-    def currentNode(self):
-        return self._node
-
-    def placeButton(self):
-        return _W(self.name + "Place", "QPushButton")
-
-    # progress, log
-    def show(self):
-        self.visible = True
-
-    def hide(self):
-        self.visible = False
-
-    def setRange(self, a, b):
-        self.range = (a, b)
-
-    def setFormat(self, f):
-        self.format = f
-
-    def appendPlainText(self, t):
-        self.lines.append(t)
-
-
-def _fake_gui(monkeypatch):
-    """Fake qt + slicer.ScriptedLoadableModule + loadUI so SpineInpaint.py's widget runs headless."""
-    import types
-    import xml.etree.ElementTree as ET
-
-    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "SpineInpaint.ui").getroot()
-    ui = types.SimpleNamespace()
-    for w in root.iter("widget"):
-        items = [i.findtext("property/string") for i in w.findall("item")]
-        widget = _W(w.get("name"), w.get("class"), items)
-        for prop in w.findall("property"):
-            if prop.find("bool") is not None and prop.get("name") in ("checked", "enabled"):
-                setattr(widget, "_checked" if prop.get("name") == "checked" else "enabled",
-                        prop.findtext("bool") == "true")
-            for kind in ("number", "double"):
-                if prop.find(kind) is not None and prop.get("name") == "value":
-                    widget._value = float(prop.findtext(kind)) if kind == "double" else int(prop.findtext(kind))
-            if prop.get("name") == "text" and prop.find("string") is not None:
-                widget.text = prop.findtext("string") or ""
-        setattr(ui, w.get("name"), widget)
-
-    class QTimer:
-        def __init__(self):
-            self.active = False
-
-        def setInterval(self, ms):
-            pass
-
-        def connect(self, signal, slot):
-            self.slot = slot
-
-        def start(self):
-            self.active = True
-
-        def stop(self):
-            self.active = False
-
-        @staticmethod
-        def singleShot(ms, fn):
-            pass
-
-    qt = types.ModuleType("qt")
-    qt.QTimer = QTimer
-    qt.Qt = types.SimpleNamespace(ToolTipRole=3)
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class Layout:
-        def addWidget(self, w):
-            pass
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def setup(self):
-            self.layout = Layout()
-
-        def resourcePath(self, rel):
-            return str(MODULE_DIR / "Resources" / rel)
-
-    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
-    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None})
-    slm.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
-    slm.ScriptedLoadableModuleTest = unittest_TestCase()
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
-    monkeypatch.setattr(slicer, "qSlicerMarkupsPlaceWidget",
-                        types.SimpleNamespace(ForcePlaceSingleMarkup=1, ShowPlaceMultipleMarkupsOption=0),
-                        raising=False)
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: types.SimpleNamespace(setMRMLScene=lambda s: None))
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda w: ui)
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda msg, *a, **k: errors.append(msg))
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True)
-    monkeypatch.setattr(dependencies, "probeDevice",
-                        lambda *a, **k: dependencies.DeviceInfo(torch="2.13.0", cuda=False))
-    sys.modules.pop("SpineInpaint", None)
-    import SpineInpaint
-
-    monkeypatch.setattr(SpineInpaint.layout, "showCompareLayout", lambda *a, **k: True)
-    return SpineInpaint, ui, errors
-
-
-def unittest_TestCase():
-    import unittest
-
-    return unittest.TestCase
-
-
-def test_widget_flow_with_fake_qt(scene, monkeypatch, fake_backend):
-    import types
-
-    SpineInpaint, ui, errors = _fake_gui(monkeypatch)
-    w = SpineInpaint.SpineInpaintWidget(parent=types.SimpleNamespace(isEntered=True))
-    try:
-        w.setup()
-        w._deviceProbe[0].join(10)
-        w._waitForDeviceProbe()
-        assert ui.deviceInfoLabel.text.startswith("running on CPU, expect ~"), ui.deviceInfoLabel.text
-        landmark = ui.landmarkSelector.currentNode()
-        assert landmark is not None and landmark.IsA("vtkMRMLMarkupsFiducialNode")  # ready for one click
-        assert not ui.applyButton.enabled and "Select an input volume." in ui.applyButton.toolTip
-        vol = make_volume_node(scene)
-        ui.inputVolumeSelector.setCurrentNode(vol)
-        landmark.AddControlPoint(vtk.vtkVector3d(*ras_of_ijk(vol, (12, 12, 4))))
-        landmark.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent)
-        assert ui.applyButton.enabled, ui.applyButton.toolTip
-        # one-click re-placement replaces the landmark
-        w.onLandmarkPlaceModeChanged(True)
-        assert landmark.GetNumberOfControlPoints() == 0
-        landmark.AddControlPoint(vtk.vtkVector3d(*ras_of_ijk(vol, (12, 12, 4))))
-        landmark.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent)
-
-        # labelled disc centres suggest the level
-        discs = add_points(scene, [ras_of_ijk(vol, (12, 12, 1)), ras_of_ijk(vol, (12, 12, 5))], name="Discs",
-                           labels=["L2-L3", "L3-L4"])  # 12 mm and 4 mm from the landmark (4 mm slices)
-        ui.discCentersSelector.setCurrentNode(discs)
-        assert ui.levelComboBox.currentIndex == SpineInpaint.LEVEL_ITEMS.index("L3-L4")
-        assert "L3-L4" in ui.levelSuggestionLabel.text
-
-        ui.pathologyComboBox.currentIndex = 1  # CCS
-        assert [it[1] for it in ui.severityComboBox._items] == ["severe", "moderate"]
-        ui.samplesSpinBox.value = 2
-        ui.stepsSpinBox.value = 3
-        ui.seedSpinBox.value = 8
-        params = w.currentParameters()
-        assert (params.condition, params.level, params.samples, params.steps, params.seed) == \
-            ("ccs_severe", "L3-L4", 2, 3, 8)
-
-        w.logic.commandBuilder = fake_backend
-        w.logic.warm = False  # the one-shot fake backend (the warm worker: test_worker.py)
-        w.logic._env = dict(os.environ, FAKE_MODE="ok")
-        n_before = len(volume_nodes(scene))
-        ui.applyButton.emit("clicked(bool)", False)
-        assert w.pollTimer.active and ui.cancelButton.enabled and not ui.applyButton.enabled
-        for _ in range(600):
-            w.onPollTimer()
-            if not w.pollTimer.active:
-                break
-            time.sleep(0.05)
-        assert w.job.state == "done", (w.job.message, errors)
-        names = [n.GetName() for n in volume_nodes(scene)[n_before:]]
-        assert names == ["T2 CCS-severe L3-L4 weighted #1", "T2 CCS-severe L3-L4 weighted #2"]
-        assert ui.progressBar.value == 1000 and ui.statusLabel.text.startswith("Done: 2 volume(s)")
-        assert w.lastLabels == ["In", "1", "2"] and w.lastResults[0] is vol
-        assert ui.applyButton.enabled and not ui.cancelButton.enabled and ui.showCompareButton.enabled
-        assert any("run 1/1: weighted" in line for line in ui.logTextEdit.lines)
-
-        # cancel: scene untouched
-        w.logic._env = dict(os.environ, FAKE_MODE="slow")
-        n_nodes = scene.GetNumberOfNodes()
-        ui.applyButton.emit("clicked(bool)", False)
-        for _ in range(200):
-            w.onPollTimer()
-            if w.job.step > 0:
-                break
-            time.sleep(0.05)
-        assert w.job.step > 0 and "step" in ui.progressBar.format
-        ui.cancelButton.emit("clicked(bool)", False)
-        assert w.job.state == "cancelled" and not w.pollTimer.active
-        assert scene.GetNumberOfNodes() == n_nodes and "nothing was added" in ui.statusLabel.text
-
-        # backend error: one-line message, nothing added
-        w.logic._env = dict(os.environ, FAKE_MODE="error")
-        ui.applyButton.emit("clicked(bool)", False)
-        for _ in range(200):
-            w.onPollTimer()
-            if not w.pollTimer.active:
-                break
-            time.sleep(0.05)
-        assert errors[-1] == "Input problem: landmark (1, 2, 3) LPS is 41.0 mm outside the volume"
-        assert scene.GetNumberOfNodes() == n_nodes
-
-        # the panel state lives in the parameter node (saved with the scene)
-        stored = InpaintParameters.loadFromNode(getParameterNode(scene))
-        assert (stored.condition, stored.samples, stored.steps, stored.seed) == ("ccs_severe", 2, 3, 8)
-    finally:
-        w.cleanup()
-        sys.modules.pop("SpineInpaint", None)
+# the panel (fake Qt): Testing/test_panel.py
 
 
 def test_logic_start_failure_cleans_up(scene, tmp_path, monkeypatch):
@@ -947,17 +657,25 @@ def test_logic_start_failure_cleans_up(scene, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_slicer_self_test_headless(scene, tmp_path, monkeypatch):
-    """Run the module's own SpineInpaintTest (phantom, landmark, 2 samples, cancel) under slicer-core (~40 s)."""
+    """The module's own SpineInpaintTest (phantom, landmark, 2 samples, cancel) as ctest runs it (unittest loader),
+    under slicer-core with the GUI fakes and random-init weights (~1 min): it runs, it does not skip."""
+    import unittest
+
     pytest.importorskip("torch")
     sys.path.insert(0, str(REPO / "Testing"))
     helpers = pytest.importorskip("helpers_models")
+    import fake_slicer_gui
+
     monkeypatch.setenv("SPINE_LDM_REGISTRY", str(helpers.make_registry(tmp_path / "models")))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+    fake_slicer_gui.install(monkeypatch)
     sys.modules.pop("SpineInpaint", None)
     try:
         import SpineInpaint
+        from SpineInpaintLib import worker
 
-        assert not SpineInpaint.GUI_AVAILABLE
-        SpineInpaint.SpineInpaintTest().runTest()
+        result = unittest.TextTestRunner(verbosity=2).run(unittest.TestLoader().loadTestsFromName("SpineInpaint"))
+        assert result.wasSuccessful() and result.testsRun == 2 and not result.skipped, result.skipped
     finally:
+        worker.shutdownWorkers()
         sys.modules.pop("SpineInpaint", None)

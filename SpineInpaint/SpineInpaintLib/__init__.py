@@ -13,7 +13,8 @@ Everything here runs inside the 3D Slicer Python process (or headless ``slicer-c
 - ``models``: the versioned model list (Models.json) with sha256 status.
 - ``layout``: compare layout (input | sample 1..K) with linked slices centred on the landmark.
 - ``logic``: ``InpaintLogic``, usable from the Python console and PythonSlicer scripts without the widget.
-- ``sampledata``: the synthetic phantom (volume + labelled disc centres + landmark) for trying the module.
+- ``sampledata``: the synthetic phantom (volume + labelled disc centres + landmark), also in Sample Data.
+- ``tasks``: background tasks (hashing, downloads, imports, connection test) polled from the GUI's timer.
 - ``rating``: logic of the reader-study panel (module ``SpineInpaintRating``).
 
 Nothing in this package imports torch, qt or ctk at import time: the heavy work always runs in the
@@ -25,5 +26,5 @@ backend process (``spine-ldm``) or on a remote server. Submodules are imported l
 #: and the README; ``Testing/test_extension_index.py`` keeps the three equal).
 MINIMUM_SLICER_VERSION = "5.10"
 
-SUBMODULES = ("parameters", "nodes", "runner", "remote", "worker", "dependencies", "level", "models", "layout",
-              "logic", "sampledata", "rating")
+SUBMODULES = ("parameters", "nodes", "tasks", "runner", "remote", "worker", "dependencies", "level", "models",
+              "layout", "logic", "sampledata", "rating")

@@ -33,7 +33,6 @@ from .parameters import METHOD_LABELS, InpaintParameters
 from .runner import CANCELLED, DONE, FAILED, IDLE, RUNNING, BackendProcess, backendEnvironment, errorMessage, \
     inpaintCommand, progressFraction
 
-LOADING = "loading"
 #: how often the panel polls a running job (its QTimer); the end of a run is noticed within this time
 POLL_INTERVAL_MS = 50
 
@@ -41,6 +40,39 @@ POLL_INTERVAL_MS = 50
 def defaultRegistryPath() -> str:
     """The module's bundled ``Resources/Models.json`` (the backend's own default when it is absent)."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Models.json")
+
+
+def selfTestProblem(registry: Optional[str] = None) -> str:
+    """Why the end-to-end self-test cannot run in this Slicer, or "" when it can.
+
+    The Slicer factory's build machines have neither torch nor the backend packages: there the self-test skips with
+    this message (as SlicerMONAIAuto3DSeg / SlicerNNUnet / SlicerTotalSegmentator do) instead of failing.
+    """
+    from . import dependencies, models
+
+    status = dependencies.torchStatus()
+    if not status.installed:
+        return "PyTorch is not installed (install the PyTorch extension, then press Apply once in SpineInpaint)"
+    try:
+        dependencies.checkTorchVersion(status.version)
+    except dependencies.DependencyError as e:
+        return str(e)
+    missing = dependencies.missingRequirements()
+    if missing:
+        return f"backend packages are missing (press Apply once in SpineInpaint to install them): {', '.join(missing)}"
+    conflicts = dependencies.dependencyConflicts()
+    if conflicts:
+        return f"backend packages do not fit together: {conflicts[0]}"
+    registry = registry or os.environ.get("SPINE_LDM_REGISTRY") or defaultRegistryPath()  # the backend's rule
+    if not os.path.exists(registry):
+        return f"model registry {registry} is missing"
+    wanted = models.defaultModelFor("weighted")
+    demo = {m.id: m for m in models.listModels(registry)}.get(wanted)
+    if demo is None:
+        return f"model {wanted} is not in {registry}"
+    if demo.status != "ok":
+        return "; ".join(m for m in demo.messages if not m.endswith(": ok")) or f"model {wanted}: {demo.status}"
+    return ""
 
 
 class InpaintJob:
@@ -67,6 +99,7 @@ class InpaintJob:
         self.of = 0
         self.startTime: Optional[float] = None
         self.cancelRequested = False
+        self._reading = None  # tasks.BackgroundTask reading the output files
 
     # -- lifecycle
     def start(self) -> "InpaintJob":
@@ -119,6 +152,14 @@ class InpaintJob:
         """Forward the current run's events; start the next run / load outputs when it ends."""
         if self.state != RUNNING or self.current is None:
             return []
+        if self._reading is not None:  # every run is done, the outputs are being read
+            if self.cancelRequested:
+                self._finish(CANCELLED, "Cancelled: nothing was added to the scene")
+            elif self._reading.poll() == "done":
+                self._makeNodes(self._reading.result)
+            elif self._reading.state != "running":
+                self._finish(FAILED, f"Loading the results failed: {self._reading.message}")
+            return []
         events = self.current.poll()
         for e in events:
             e = dict(e, run=self.runIndex, runs=len(self.methods), method=self.methods[self.runIndex])
@@ -157,20 +198,31 @@ class InpaintJob:
         run = f" ({self.runIndex + 1}/{len(self.methods)})" if len(self.methods) > 1 else ""
         if self.cancelRequested:
             return f"{method}{run}: cancelling..."
+        if self._reading is not None:
+            return "loading the results..."
         if not self.of:
             return f"{method}{run}: starting backend..."
         return f"{method}{run}: step {self.step}/{self.of}"
 
     def _loadAll(self) -> None:
-        self.state = LOADING
+        """Read every output file in the background (decompression takes the GUI thread too long); ``poll()``
+        makes the nodes once they are read."""
+        from .tasks import BackgroundTask
+
+        paths = [path for _, done in self.doneEvents for path in done.get("outputs", [])]
+        self._reading = BackgroundTask(lambda progress, cancelled: [nodesLib.readVolumeData(p) for p in paths],
+                                       "reading the results").start()
+
+    def _makeNodes(self, volumes: list) -> None:
         created = []
         try:
+            read = iter(volumes)
             for method, done in self.doneEvents:
-                for k, path in enumerate(done.get("outputs", [])):
+                for k, _path in enumerate(done.get("outputs", [])):
                     name = nodesLib.outputNodeName(self.inputVolume.GetName(), self.request.condition,
                                                    self.request.level, method, k)
                     prov = nodesLib.sampleProvenance(done, k, self.request, method)
-                    created.append(nodesLib.loadOutputVolume(path, self.inputVolume, name, prov,
+                    created.append(nodesLib.loadOutputVolume(next(read), self.inputVolume, name, prov,
                                                              scene=self.logic.scene))
         except Exception as e:
             for node in created:  # all or nothing

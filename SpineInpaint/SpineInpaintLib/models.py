@@ -1,7 +1,12 @@
-"""Versioned model list for the panel: ``Models.json`` entries with their sha256 status.
+"""Versioned model list and model manager for the panel: ``Models.json`` entries with their sha256 status.
 
 Reads the registry through ``spine_ldm.registry`` (pure Python: json + hashlib, no torch). Hashing large weights is
 cached per file (path, size, mtime), so re-opening the module does not re-hash unchanged files.
+
+Model manager (``*Task`` functions): verifying the list (hashing), importing a trained model zip
+(``registry.import_zip``: into the user cache, every sha256 checked) and downloading the files of a registry entry
+that names a URL (``registry.download``: progress, cancel, sha256 before the file is used) all run as
+``tasks.BackgroundTask``s, never on the GUI thread. Nothing is ever downloaded that the user did not add.
 """
 from __future__ import annotations
 
@@ -119,3 +124,56 @@ def fromRemote(entries: list) -> list[ModelInfo]:
                              messages=[f"{name}: {st} (on the server)" for name, st in files.items()],
                              sha256=dict(d.get("sha256") or {})))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- model manager
+def listModelsTask(registry: Optional[str] = None):
+    """Background task: ``listModels(registry, verify=True)`` (hashes the weights)."""
+    from .tasks import BackgroundTask
+
+    return BackgroundTask(lambda progress, cancelled: listModels(registry, verify=True), "checking models").start()
+
+
+def needsDownload(info: ModelInfo) -> bool:
+    return info.status == "not downloaded"
+
+
+def downloadTask(modelId: str, registry: Optional[str] = None):
+    """Background task: fetch the URL files of ``modelId`` into the cache with progress (bytes of all files),
+    sha256-verified; cancellable. Its result is the model's refreshed ``ModelInfo``."""
+    from .tasks import BackgroundTask
+
+    def run(progress, cancelled):
+        from spine_ldm import registry as reg
+
+        entry = reg.resolve(modelId, registry or None)
+        pending = [f for f in entry.files.values() if f.path is None]
+        done = {}
+
+        def report(name, got, total):
+            done[name] = (got, total)
+            totals = [t for _, t in done.values()]
+            whole = sum(totals) if len(done) == len(pending) and all(totals) else None
+            mb = sum(g for g, _ in done.values()) / 2 ** 20
+            progress(None if not whole else sum(g for g, _ in done.values()) / whole,
+                     f"downloading {modelId}: {mb:.1f} MB")
+
+        reg.download(entry, progress=report, cancel=cancelled)
+        progress(1.0, f"checking {modelId}")
+        return next(m for m in listModels(registry, verify=True) if m.id == modelId)
+
+    return BackgroundTask(run, f"downloading {modelId}").start()
+
+
+def importTask(zipPath: str, replace: bool = False):
+    """Background task: import a trained model zip into the user cache (``spine-ldm models import``); the result
+    is the imported model's id."""
+    from .tasks import BackgroundTask
+
+    def run(progress, cancelled):
+        from spine_ldm import registry as reg
+
+        progress(None, f"importing {os.path.basename(zipPath)}")
+        return reg.import_zip(zipPath, replace=replace).id
+
+    return BackgroundTask(run, "importing a model").start()

@@ -27,6 +27,8 @@ from spine_ldm.conditions import CONDITION_LABELS, parse_condition, parse_level
 from .parameters import METHOD_LABELS, InpaintParameters
 
 ATTRIBUTE_PREFIX = "SpineInpaint."
+#: node reference role from each result volume to the volume it was inpainted into
+INPUT_REFERENCE_ROLE = "SpineInpaintInput"
 NRRD_PREFIX = "spine_ldm_"
 #: geometry tolerance when checking a backend output against the input (mm / direction cosines)
 GEOMETRY_TOLERANCE = 1e-4
@@ -247,20 +249,6 @@ def outputNodeName(inputName: str, condition: str, level: str, method: str, inde
     return f"{inputName} {label} {parse_level(level)} {METHOD_LABELS.get(method, method)} #{int(index) + 1}"
 
 
-def readNrrdProvenance(path: str) -> dict:
-    """``spine_ldm_*`` header keys of an output file, un-prefixed, JSON values decoded."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    out = {}
-    for key in reader.GetMetaDataKeys():
-        if key.startswith(NRRD_PREFIX):
-            out[key[len(NRRD_PREFIX):]] = _decode(reader.GetMetaData(key))
-    return out
-
-
 def _decode(text: str):
     try:
         return json.loads(text)
@@ -292,7 +280,8 @@ def lpsGeometryOfNode(volumeNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def checkSameGeometry(image, referenceNode, what: str = "output") -> None:
-    """Raise ValueError when a SimpleITK image does not lie on the reference node's voxel grid."""
+    """Raise ValueError when a SimpleITK image (or ``VolumeData``) does not lie on the reference node's voxel
+    grid."""
     dims = referenceNode.GetImageData().GetDimensions()
     if tuple(image.GetSize()) != tuple(dims):
         raise ValueError(f"{what} has size {tuple(image.GetSize())}, the input {tuple(dims)}")
@@ -306,22 +295,59 @@ def checkSameGeometry(image, referenceNode, what: str = "output") -> None:
                          f"{d_spacing:.2g} mm, direction {d_dir:.2g})")
 
 
-def loadOutputVolume(path: str, referenceNode, name: str, provenance: Optional[dict] = None, scene=None):
-    """New scalar volume node from a backend output, on exactly the reference node's geometry.
+@dataclass
+class VolumeData:
+    """A volume file read into memory (voxels, LPS geometry, ``spine_ldm_*`` header keys) by ``readVolumeData``:
+    plain numpy and SimpleITK, so reading and decompressing happen off the GUI thread; only making the node from it
+    runs on the GUI thread. Has SimpleITK's geometry getters, so ``checkSameGeometry`` takes it like an image."""
+
+    path: str
+    array: np.ndarray  # [k, j, i], as slicer.util arrays
+    origin: tuple
+    spacing: tuple
+    direction: tuple  # row-major 3x3
+    provenance: dict
+
+    def GetSize(self):
+        return tuple(int(n) for n in self.array.shape[::-1])
+
+    def GetOrigin(self):
+        return self.origin
+
+    def GetSpacing(self):
+        return self.spacing
+
+    def GetDirection(self):
+        return self.direction
+
+
+def readVolumeData(path: str, what: str = "output") -> VolumeData:
+    """Read a 3D single-component volume file (any thread)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{what} {path} is not a 3D single-component image")
+    provenance = {key[len(NRRD_PREFIX):]: _decode(image.GetMetaData(key)) for key in image.GetMetaDataKeys()
+                  if key.startswith(NRRD_PREFIX)}
+    return VolumeData(str(path), sitk.GetArrayFromImage(image), tuple(image.GetOrigin()), tuple(image.GetSpacing()),
+                      tuple(image.GetDirection()), provenance)
+
+
+def loadOutputVolume(source, referenceNode, name: str, provenance: Optional[dict] = None, scene=None):
+    """New scalar volume node from a backend output (a path, or ``VolumeData`` read beforehand), on exactly the
+    reference node's geometry.
 
     The voxel grid of the file must match the reference (checked, else ValueError and nothing is added);
     the new node gets the reference's IJKToRAS matrix, parent transform and window/level, and as attributes
     ``provenance`` overlaid by the file's own ``spine_ldm_*`` header keys.
     """
-    import SimpleITK as sitk
     import slicer
 
     scene = scene or slicer.mrmlScene
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"output {path} is not a 3D single-component image")
-    checkSameGeometry(image, referenceNode, what=f"output {os.path.basename(path)}")
-    array = sitk.GetArrayFromImage(image)  # [k, j, i], as slicer.util arrays
+    data = source if isinstance(source, VolumeData) else readVolumeData(source)
+    checkSameGeometry(data, referenceNode, what=f"output {os.path.basename(data.path)}")
+    array = data.array
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     node.CopyOrientation(referenceNode)
     slicer.util.updateVolumeFromArray(node, array)
@@ -331,10 +357,10 @@ def loadOutputVolume(path: str, referenceNode, name: str, provenance: Optional[d
     node.CreateDefaultDisplayNodes()
     _copyWindowLevel(referenceNode, node)
     merged = dict(provenance or {})
-    merged.update(readNrrdProvenance(path))  # the file's own header is the most specific (per-sample seed, ...)
+    merged.update(data.provenance)  # the file's own header is the most specific (per-sample seed, ...)
     merged.setdefault("input_node", referenceNode.GetName())
     setProvenanceAttributes(node, merged)
-    node.SetAttribute(ATTRIBUTE_PREFIX + "InputNodeID", referenceNode.GetID())
+    node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, referenceNode.GetID())  # survives scene save/load (IDs do not)
     return node
 
 
@@ -404,23 +430,21 @@ def lpsToIjkOfFile(path: str, lps: Sequence[float]) -> tuple:
     return tuple(np.linalg.solve(direction * spacing, np.asarray(lps, float) - origin))
 
 
-def addVolumeFromFile(path: str, name: str, scene=None):
-    """New scalar volume node from an image file, geometry taken from the file (LPS -> RAS), headless-safe."""
-    import SimpleITK as sitk
+def addVolumeFromFile(source, name: str, scene=None):
+    """New scalar volume node from an image file (or ``VolumeData`` read beforehand), geometry taken from the file
+    (LPS -> RAS), headless-safe."""
     import slicer
     import vtk
 
     scene = scene or slicer.mrmlScene
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path} is not a 3D single-component image")
+    data = source if isinstance(source, VolumeData) else readVolumeData(source, what="volume")
     flip = np.diag([-1.0, -1.0, 1.0])
-    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction = np.array(data.direction).reshape(3, 3)
     m = np.eye(4)
-    m[:3, :3] = flip @ direction @ np.diag(image.GetSpacing())
-    m[:3, 3] = flip @ np.array(image.GetOrigin())
+    m[:3, :3] = flip @ direction @ np.diag(data.spacing)
+    m[:3, 3] = flip @ np.array(data.origin)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    slicer.util.updateVolumeFromArray(node, data.array)
     vm = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):

@@ -1,10 +1,9 @@
-"""Module parameters, persisted in a ``vtkMRMLScriptedModuleNode`` (the module's parameter node).
+"""Module parameters: one dataclass shared by the widget, the logic, batch scripts and tests.
 
-The parameters are a plain dataclass so that the widget, the logic, batch scripts and tests share one
-definition. ``saveToNode`` / ``loadFromNode`` store every field as a string parameter and the selected
-nodes as node references, so the panel state is saved with the scene and restored when it is loaded
-(the same role ``slicer.parameterNodeWrapper`` plays in SlicerNNUnet, but usable without the GUI and
-under headless ``slicer-core``).
+In the panel they live in the module's parameter node through Slicer's ``parameterNodeWrapper``
+(``SpineInpaintParameterNode`` in ``SpineInpaint.py``: the same field names plus the selected nodes, validated with
+the ranges below, connected to the widgets), so the panel state is saved with the scene and a scene load or a
+script change updates the panel. ``fromParameterNode`` turns that node into ``InpaintParameters`` for the logic.
 
 The remote token is deliberately *not* a field: a scene file can be shared, a bearer token must not be.
 The widget keeps it in memory (or reads it from a token file whose path is persisted).
@@ -13,11 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Optional
 
 from spine_ldm.conditions import CONDITIONS, LEVELS, PATHOLOGIES, parse_condition, parse_level
-
-MODULE_NAME = "SpineInpaint"
 
 #: Inpainting methods understood by the backend (``spine-ldm inpaint --method``) and their panel labels.
 METHODS = ("weighted", "masked", "repaint")
@@ -25,11 +21,10 @@ METHOD_LABELS = {"weighted": "weighted", "masked": "masked", "repaint": "RePaint
 DEVICES = ("auto", "cuda", "cpu", "mps")
 BACKENDS = ("local", "remote")
 
-#: Node reference roles in the parameter node.
-REF_INPUT = "InputVolume"
-REF_LANDMARK = "Landmark"
-REF_DISC_CENTERS = "DiscCenters"
-NODE_REFERENCES = (REF_INPUT, REF_LANDMARK, REF_DISC_CENTERS)
+#: Valid ranges (inclusive): the dataclass's validate() and the parameter node's validators use these.
+SAMPLES_RANGE = (1, 16)
+STEPS_RANGE = (1, 1000)
+SIGMA_RANGE_MM = (0.5, 100.0)
 
 #: Pathology combo box entries (panel) -> severities. "none" = healthy (no pathology inserted).
 PATHOLOGY_LABELS = {"dh": "Disc herniation (DH)", "ccs": "Central canal stenosis (CCS)", "none": "Healthy (no pathology)"}
@@ -91,12 +86,11 @@ class InpaintParameters:
             errors.append(f"Condition {self.condition!r} is not one of {', '.join(CONDITIONS)}.")
         if self.method not in METHODS:
             errors.append(f"Method {self.method!r} is not one of {', '.join(METHODS)}.")
-        if not 1 <= int(self.samples) <= 16:
-            errors.append(f"Samples must be 1..16 (got {self.samples}).")
-        if not 1 <= int(self.steps) <= 1000:
-            errors.append(f"Steps must be 1..1000 (got {self.steps}).")
-        if not 0.5 <= float(self.sigmaMm) <= 100:
-            errors.append(f"Sigma must be 0.5..100 mm (got {self.sigmaMm}).")
+        for name, value, (lo, hi), unit in (("Samples", self.samples, SAMPLES_RANGE, ""),
+                                             ("Steps", self.steps, STEPS_RANGE, ""),
+                                             ("Sigma", self.sigmaMm, SIGMA_RANGE_MM, " mm")):
+            if not lo <= float(value) <= hi:
+                errors.append(f"{name} must be {lo:g}..{hi:g}{unit} (got {value}).")
         if int(self.seed) < 0:
             errors.append(f"Seed must be >= 0 (got {self.seed}).")
         if self.device not in DEVICES:
@@ -119,74 +113,7 @@ class InpaintParameters:
     def methodsToRun(self) -> list[str]:
         return list(METHODS) if self.compareMethods else [self.method]
 
-    # ------------------------------------------------------------------ persistence
-    def saveToNode(self, parameterNode) -> None:
-        """Write every field as a string parameter of ``parameterNode`` (one Modified event)."""
-        wasModifying = parameterNode.StartModify()
-        try:
-            for f in fields(self):
-                value = getattr(self, f.name)
-                parameterNode.SetParameter(f.name, _toString(value))
-        finally:
-            parameterNode.EndModify(wasModifying)
 
-    @classmethod
-    def loadFromNode(cls, parameterNode) -> "InpaintParameters":
-        """Read fields back; missing or unparsable values keep their defaults."""
-        instance = cls()
-        for f in fields(cls):
-            text = parameterNode.GetParameter(f.name)
-            if not text:
-                continue
-            default = getattr(instance, f.name)
-            try:
-                setattr(instance, f.name, _fromString(text, type(default)))
-            except ValueError:
-                continue
-        return instance
-
-
-def _toString(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _fromString(text: str, kind: type):
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(text)
-    return kind(text)
-
-
-# ---------------------------------------------------------------------- parameter node
-def getParameterNode(scene=None, create: bool = True):
-    """The module's singleton ``vtkMRMLScriptedModuleNode`` (created with defaults if absent)."""
-    import slicer
-
-    scene = scene or slicer.mrmlScene
-    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
-    if node is None and create:
-        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
-        node.UnRegister(None)  # CreateNodeByClass returns a new reference in Python
-        node.SetSingletonTag(MODULE_NAME)
-        node.SetName(MODULE_NAME)
-        node.SetAttribute("ModuleName", MODULE_NAME)
-        InpaintParameters().saveToNode(node)
-        node = scene.AddNode(node)
-    return node
-
-
-def setNodeReference(parameterNode, role: str, node: Optional[object]) -> None:
-    if role not in NODE_REFERENCES:
-        raise ValueError(f"unknown node reference role {role!r}")
-    parameterNode.SetNodeReferenceID(role, node.GetID() if node is not None else None)
-
-
-def getNodeReference(parameterNode, role: str):
-    if role not in NODE_REFERENCES:
-        raise ValueError(f"unknown node reference role {role!r}")
-    return parameterNode.GetNodeReference(role)
+def fromParameterNode(node) -> InpaintParameters:
+    """``InpaintParameters`` from anything with the same attribute names (the module's parameter node wrapper)."""
+    return InpaintParameters(**{f.name: getattr(node, f.name) for f in fields(InpaintParameters)})

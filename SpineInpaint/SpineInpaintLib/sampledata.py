@@ -16,9 +16,24 @@ from .runner import backendEnvironment, pythonExecutable
 PHANTOM_LEVEL = "L4-L5"
 
 
-def phantomCommand(outDir: str, seed: int = 0, python: Optional[str] = None) -> list[str]:
+def phantomCommand(outDir: str, seed: int = 0, python: Optional[str] = None, progress: str = "none") -> list[str]:
     return [python or pythonExecutable(), "-m", "spine_ldm.cli", "phantom", "--out", str(outDir), "--seed",
-            str(int(seed)), "--progress", "none"]
+            str(int(seed)), "--progress", progress]
+
+
+def phantomPaths(outDir: str) -> dict:
+    return {k: os.path.join(outDir, f) for k, f in
+            (("t2", "t2.nrrd"), ("labels", "labels.nrrd"), ("landmarks", "landmarks.json"))}
+
+
+def startPhantomGeneration(outDir: str, seed: int = 0, python: Optional[str] = None, env: Optional[dict] = None):
+    """Non-blocking form for the GUI: the backend writes the phantom in a background process; poll the returned
+    ``runner.BackendProcess`` (``state`` ``done`` / ``error``; ``requestCancel()`` stops it) and then call
+    ``loadPhantom(outDir)``."""
+    from .runner import BackendProcess
+
+    return BackendProcess(phantomCommand(outDir, seed, python, progress="json"),
+                          env=env or backendEnvironment()).start()
 
 
 def generatePhantom(outDir: str, seed: int = 0, python: Optional[str] = None, env: Optional[dict] = None,
@@ -29,25 +44,33 @@ def generatePhantom(outDir: str, seed: int = 0, python: Optional[str] = None, en
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"phantom generation failed (exit {out.returncode}): {last}")
-    paths = {k: os.path.join(outDir, f) for k, f in
-             (("t2", "t2.nrrd"), ("labels", "labels.nrrd"), ("landmarks", "landmarks.json"))}
+    paths = phantomPaths(outDir)
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise RuntimeError(f"phantom generation did not write {', '.join(missing)}")
     return paths
 
 
-def loadPhantom(outDir: str, scene=None, name: str = "SpinePhantom", level: str = PHANTOM_LEVEL):
-    """Load a generated phantom: returns (volume node, disc-centres point list, landmark point list)."""
+def readPhantom(outDir: str) -> tuple:
+    """The generated files in memory (any thread): (``nodes.VolumeData`` of t2.nrrd, landmarks dict)."""
+    from .nodes import readVolumeData
+
+    with open(os.path.join(outDir, "landmarks.json"), encoding="utf-8") as f:
+        lm = json.load(f)
+    return readVolumeData(os.path.join(outDir, "t2.nrrd"), what="phantom"), lm
+
+
+def loadPhantom(outDir: str, scene=None, name: str = "SpinePhantom", level: str = PHANTOM_LEVEL, data=None):
+    """Load a generated phantom (``data``: what ``readPhantom`` returned, read beforehand): returns (volume node,
+    disc-centres point list, landmark point list)."""
     import slicer
     import vtk
 
     from .nodes import addVolumeFromFile
 
     scene = scene or slicer.mrmlScene
-    with open(os.path.join(outDir, "landmarks.json"), encoding="utf-8") as f:
-        lm = json.load(f)
-    volume = addVolumeFromFile(os.path.join(outDir, "t2.nrrd"), name, scene)
+    volumeData, lm = data or readPhantom(outDir)
+    volume = addVolumeFromFile(volumeData, name, scene)
     discs = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} disc centres")
     for lvl, d in lm["discs"].items():
         i = discs.AddControlPoint(vtk.vtkVector3d(*d["center_RAS_mm"]))
@@ -56,3 +79,94 @@ def loadPhantom(outDir: str, scene=None, name: str = "SpinePhantom", level: str 
     i = landmark.AddControlPoint(vtk.vtkVector3d(*lm["discs"][level]["posterior_margin_RAS_mm"]))
     landmark.SetNthControlPointLabel(i, "pathology")
     return volume, discs, landmark
+
+
+class PhantomLoader:
+    """Generate the phantom in a background process and load it into the scene when it is written.
+
+    ``start()`` returns at once; ``poll()`` (from a QTimer) returns the state: ``running``, then ``done`` with
+    ``nodes`` = (volume, disc centres, landmark), or ``error`` with a one-line ``message``. ``cancel()`` stops the
+    generation. The temporary folder is removed once the nodes are loaded (the volume lives in the scene).
+    """
+
+    def __init__(self, seed: int = 0, scene=None, python: Optional[str] = None, env: Optional[dict] = None):
+        self.seed = seed
+        self.scene = scene
+        self.python = python
+        self.env = env
+        self.state = "idle"
+        self.message = ""
+        self.nodes: Optional[tuple] = None
+        self.outDir = ""
+        self.process = None
+        self.reading = None  # tasks.BackgroundTask reading the written files
+
+    def start(self) -> "PhantomLoader":
+        import tempfile
+
+        self.outDir = tempfile.mkdtemp(prefix="SpinePhantom-")
+        self.process = startPhantomGeneration(self.outDir, self.seed, self.python, self.env)
+        self.state = "running"
+        return self
+
+    def poll(self) -> str:
+        if self.state != "running":
+            return self.state
+        if self.reading is not None:  # the files are read in the background, the nodes made here
+            if self.reading.poll() == "running":
+                return self.state
+            if self.reading.state == "done":
+                self.nodes = loadPhantom(self.outDir, self.scene, data=self.reading.result)
+                self.state = "done"
+            else:
+                self.state, self.message = "error", f"loading the phantom failed: {self.reading.message}"
+            self._cleanup()
+            return self.state
+        self.process.poll()
+        if self.process.state == "running":
+            return self.state
+        if self.process.state == "done":
+            from .tasks import BackgroundTask
+
+            self.reading = BackgroundTask(lambda progress, cancelled: readPhantom(self.outDir), "reading").start()
+            return self.state
+        from .runner import errorMessage
+
+        self.state = "cancelled" if self.process.state == "cancelled" else "error"
+        self.message = "cancelled" if self.state == "cancelled" else \
+            f"phantom generation failed: {errorMessage(self.process.error or {})}"
+        self._cleanup()
+        return self.state
+
+    def cancel(self) -> None:
+        if self.state == "running" and self.reading is None:
+            self.process.requestCancel()
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.outDir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- Sample Data
+SAMPLE_CATEGORY = "SpineInpaint"
+SAMPLE_NAME = "SpinePhantom"
+
+
+def thumbnailPath() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Icons",
+                        f"{SAMPLE_NAME}.png")
+
+
+def registerSampleData(loadPhantom_) -> None:
+    """Register the phantom in the Sample Data module under its own category. The phantom is generated, not
+    downloaded: the source has no URL and ``loadPhantom_(source)`` (the Sample Data button's custom downloader)
+    starts the generation without blocking."""
+    import SampleData
+
+    logic = SampleData.SampleDataLogic
+    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer 5.12+: category name and title separate
+        logic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, title="SpineInpaint")
+    logic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY, sampleName=SAMPLE_NAME, uris=[], fileNames=[], nodeNames=[], checksums=[],
+        thumbnailFileName=thumbnailPath(), customDownloader=loadPhantom_)
