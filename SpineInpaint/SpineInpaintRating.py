@@ -25,8 +25,10 @@ class SpineInpaintRating(ScriptedLoadableModule):
             "URL (spine-ldm study serve) with your reader token, "
             "then answer 'Realistic?' and '&lt;condition&gt; present?' for each case.<br>"
             "Keys: <b>Y</b>/<b>N</b> realistic, <b>P</b>/<b>A</b> pathology present/absent, <b>1-5</b> confidence, "
-            "<b>Enter</b> save &amp; next, <b>B</b> back, <b>L</b> landmark on/off. Answers are saved immediately and "
-            "the panel resumes at your first unanswered case.")
+            "<b>Enter</b> save &amp; next, <b>B</b> back, <b>L</b> landmark on/off, while this panel has the keyboard "
+            "focus (click in it; the slice views keep their own keys). Answers are saved immediately and "
+            "the panel resumes at your first unanswered case. A local study folder must be your own copy (without "
+            "the organizer's truth key).")
         self.parent.acknowledgementText = "Reader study of Hansen et al., 'Inpainting Pathology in Lumbar Spine MRI with Latent Diffusion'."
 
 
@@ -57,27 +59,26 @@ class SpineInpaintRatingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.nextButton.connect("clicked(bool)", self.onNext)
         self.ui.landmarkCheckBox.connect("toggled(bool)", self.onLandmark)
         self.ui.caseCollapsibleButton.enabled = False
+        self.createShortcuts()
 
-    # shortcuts are active only while the module is shown
-    def enter(self):
-        from SpineInpaintLib.rating import SHORTCUTS
+    def createShortcuts(self):
+        """Single-key shortcuts owned by this panel, active only while it (or a child) has the keyboard focus:
+        never application-wide, where they would take the slice views' keys. A hidden panel has no focus, so
+        they are off while another module is shown."""
+        from SpineInpaintLib.rating import SHORTCUT_CONTEXT, SHORTCUTS
 
-        if self.shortcuts:
-            return
+        self.parent.setFocusPolicy(qt.Qt.StrongFocus)  # clicking the panel gives it the focus
         for key in SHORTCUTS:
-            sc = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            sc.setContext(qt.Qt.ApplicationShortcut)
+            sc = qt.QShortcut(qt.QKeySequence(key), self.parent)
+            sc.setContext(getattr(qt.Qt, SHORTCUT_CONTEXT))
             sc.connect("activated()", lambda k=key: self.onKey(k))
             self.shortcuts.append(sc)
 
-    def exit(self):
+    def cleanup(self):
         for sc in self.shortcuts:
             sc.setParent(None)
             sc.deleteLater()
         self.shortcuts = []
-
-    def cleanup(self):
-        self.exit()
         self.removeObservers()
 
     # ------------------------------------------------------------------ actions
@@ -103,6 +104,7 @@ class SpineInpaintRatingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             notes.append("All cases answered; you can review and change answers with Back / Next.")
         self.ui.statusLabel.text = " ".join(notes)
         self.refresh()
+        self.parent.setFocus()  # the keys act right away
 
     def onSet(self, qid, value, refresh=True):
         if self.logic.rating.session:
@@ -182,27 +184,54 @@ class SpineInpaintRatingLogic(ScriptedLoadableModuleLogic):
 
 
 class SpineInpaintRatingTest(ScriptedLoadableModuleTest):
-    """In-Slicer smoke test: demo study, one reader, answer two cases with the shortcuts, resume."""
+    """In-Slicer smoke test: demo study, a reader's copy, answer two cases with the shortcut keys, resume.
+
+    Registered with ctest (``slicer_add_python_unittest``); skipped with the reason on a Slicer without the backend's
+    packages (the factory's build machines)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        slicer.mrmlScene.Clear(0)
+        problem = self._problem()
+        if problem:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(f"SpineInpaintRatingTest skipped: {problem}")
+            return
+        self.setUp()
         self.test_rating_roundtrip()
+
+    @staticmethod
+    def _problem():
+        from SpineInpaintLib.rating import _ensureBackendImportable
+
+        _ensureBackendImportable()
+        try:
+            import spine_ldm.study.engine  # noqa: F401  (numpy, SimpleITK, scipy for the demo phantom)
+            import scipy.ndimage  # noqa: F401
+        except ImportError as e:
+            return f"the reader-study backend cannot be imported ({e}); press Apply once in SpineInpaint"
+        return ""
 
     def test_rating_roundtrip(self):
         import tempfile
 
-        from SpineInpaintLib.rating import RatingLogic, _ensureBackendImportable
-
-        _ensureBackendImportable()
+        problem = self._problem()
+        if problem:
+            self.skipTest(problem)
+        from spine_ldm.errors import InputError
         from spine_ldm.study.engine import make_demo_study
+        from SpineInpaintLib.rating import RatingLogic, makeReaderCopy
 
         d = tempfile.mkdtemp()
         study = make_demo_study(os.path.join(d, "study"), n_inpainted_per_method=1, n_real_pathological=1, n_real_healthy=1)
         _, token = study.add_reader("slicer-self-test")
         logic = RatingLogic(slicer.mrmlScene)
-        logic.openStudy(str(study.root), token)
+        with self.assertRaises(InputError):  # the organizer's folder holds the truth key
+            logic.openStudy(str(study.root), token)
+        copy = makeReaderCopy(str(study.root), "slicer-self-test", os.path.join(d, "copy"))
+        logic.openStudy(copy, token)
         for key in ("Y", "P", "Return", "N", "A", "Return"):
             logic.handleKey(key)
         again = RatingLogic(slicer.mrmlScene)
-        self.assertEqual(again.openStudy(str(study.root), token)["resume_index"], 2)
+        self.assertEqual(again.openStudy(copy, token)["resume_index"], 2)
         self.delayDisplay("SpineInpaintRating self-test passed")

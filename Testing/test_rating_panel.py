@@ -1,6 +1,7 @@
 """Slicer rating panel logic (SpineInpaintLib.rating) under headless slicer-core, and the .ui <-> widget contract."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -46,7 +47,7 @@ if str(MODULE_DIR) not in sys.path:
 from SpineInpaintLib import rating  # noqa: E402
 
 from spine_ldm.errors import InputError  # noqa: E402
-from spine_ldm.study.engine import make_demo_study  # noqa: E402
+from spine_ldm.study.engine import Study, make_demo_study  # noqa: E402
 
 
 @pytest.fixture
@@ -92,12 +93,19 @@ def test_layout_xml_has_sagittal_and_axial_views():
     assert [v.find("property[@name='orientation']").text for v in views] == ["Sagittal", "Axial"]
 
 
-def test_open_load_case_blinded_and_centred(scene, study):
-    _, token = study.add_reader("panel-a", seed=4)
+def _reader_copy(study, name, tmp_path, seed=None):
+    """What the organizer hands a reader who rates in a local folder: that reader's copy."""
+    _, token = study.add_reader(name, seed=seed)
+    copy = rating.makeReaderCopy(str(study.root), name, str(tmp_path / f"copy-{name}"))
+    return Study.load(copy), token
+
+
+def test_open_load_case_blinded_and_centred(scene, study, tmp_path):
+    copy, token = _reader_copy(study, "panel-a", tmp_path, seed=4)
     logic = rating.RatingLogic(scene)
-    p = logic.openStudy(str(study.root), token)
+    p = logic.openStudy(str(copy.root), token)
     assert p["resume_index"] == 0 and logic.progressText() == f"1 / {len(study.cases)}"
-    assert any("truth key" in w for w in logic.warnings)
+    assert logic.warnings == []
     node = logic.volumeNode
     cid = logic.session.order[0]
     assert node.GetName() == cid and not node.GetAttributeNames()
@@ -129,10 +137,10 @@ def test_open_load_case_blinded_and_centred(scene, study):
     assert logic.handleKey("L") == "landmark" and lm.GetDisplayNode().GetVisibility() == 0
 
 
-def test_keyboard_answers_resume_and_history(scene, study):
-    _, token = study.add_reader("panel-b", seed=9)
+def test_keyboard_answers_resume_and_history(scene, study, tmp_path):
+    copy, token = _reader_copy(study, "panel-b", tmp_path, seed=9)
     logic = rating.RatingLogic(scene)
-    logic.openStudy(str(study.root), token)
+    logic.openStudy(str(copy.root), token)
     order = logic.session.order
     with pytest.raises(ValueError, match="please answer"):
         logic.handleKey("Return")  # nothing answered yet
@@ -152,30 +160,107 @@ def test_keyboard_answers_resume_and_history(scene, study):
     assert logic.values == {"realistic": "yes", "pathology_present": "no"}  # pre-filled with the previous answer
     logic.handleKey("N")
     logic.handleKey("Return")
-    hist = study.store.history(logic.session.reader.reader_id, order[2])
+    hist = copy.store.history(logic.session.reader.reader_id, order[2])
     assert [h.values["realistic"] for h in hist] == ["yes", "no"]
     # a fresh panel (Slicer restarted) resumes at the first unanswered case
     scene2_logic = rating.RatingLogic(scene)
-    assert scene2_logic.openStudy(str(study.root), token)["resume_index"] == 3 and scene2_logic.index == 3
+    assert scene2_logic.openStudy(str(copy.root), token)["resume_index"] == 3 and scene2_logic.index == 3
     assert logic.handleKey("Q") is None
 
 
-def test_bad_token_and_other_readers_answers_invisible(scene, study):
+def test_local_folder_must_be_one_readers_copy(scene, study, tmp_path):
     logic = rating.RatingLogic(scene)
-    with pytest.raises(InputError, match="unknown reader token"):
-        logic.openStudy(str(study.root), "wrong")
-    _, ta = study.add_reader("panel-c")
-    _, tb = study.add_reader("panel-d")
-    logic.openStudy(str(study.root), ta)
-    cid = logic.case["case_id"]
-    logic.handleKey("Y")
-    logic.handleKey("P")
+    _, token = study.add_reader("panel-c")
+    with pytest.raises(InputError, match="holds the truth key"):  # the organizer's folder
+        logic.openStudy(str(study.root), token)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # nothing of it was shown
+    # a copy of the organizer's folder without the key still holds every reader: refused too
+    import shutil
+
+    leaked = tmp_path / "leaked"
+    shutil.copytree(study.root, leaked)
+    shutil.rmtree(leaked / "organizer")
+    with pytest.raises(InputError, match="readers' answers"):
+        logic.openStudy(str(leaked), token)
+
+
+def test_readers_copy_holds_only_that_readers_answers(scene, study, tmp_path):
+    reader_a, ta = study.add_reader("panel-d")
+    reader_b, tb = study.add_reader("panel-e")
+    sa, sb = study.session(ta), study.session(tb)
+    sa.answer(sa.order[0], {"realistic": "yes", "pathology_present": "no"})  # rated earlier on the server
+    sb.answer(sb.order[0], {"realistic": "no", "pathology_present": "yes"})
+    copy = Study.load(rating.makeReaderCopy(str(study.root), "panel-d", str(tmp_path / "copy-d")))
+    assert not copy.truth_path().exists() and not (copy.root / "organizer").exists()
+    assert [r.name for r in copy.store.readers()] == ["panel-d"]
+    assert {a.reader_id for a in copy.store.all_rows()} == {reader_a.reader_id}
+    assert [a.values for a in copy.store.all_rows()] == [{"realistic": "yes", "pathology_present": "no"}]
+    assert sorted(p.name for p in (copy.root / "volumes").iterdir()) == \
+        sorted(Path(c["volume"]).name for c in study.cases)
+    logic = rating.RatingLogic(scene)
+    with pytest.raises(InputError, match="unknown reader token"):  # another reader's token does not open it
+        logic.openStudy(str(copy.root), tb)
+    p = logic.openStudy(str(copy.root), ta)  # same token, same order, resumes after the earlier answer
+    assert p["resume_index"] == 1 and logic.session.order == sa.order
+    logic.handleKey("N")
+    logic.handleKey("A")
     logic.handleKey("Return")
-    other = rating.RatingLogic(scene)
-    other.openStudy(str(study.root), tb)
-    idx = other.session.order.index(cid)
-    other.loadCase(idx)
-    assert other.values == {} and other.session.answers() == {}
+    assert len(study.store.latest_answers(reader_a.reader_id)) == 1  # the organizer's store is untouched
+    with pytest.raises(InputError, match="is not empty"):
+        rating.makeReaderCopy(str(study.root), "panel-d", str(tmp_path / "copy-d"))
+
+
+def test_shortcuts_act_only_while_the_panel_has_focus(scene, monkeypatch):
+    """The rating widget's keys are owned by the panel with a widget-with-children context, never the main
+    window's application-wide context where 1-5, B, L, ... belong to the slice views."""
+    import types
+
+    sys.path.insert(0, str(REPO / "Testing"))
+    import fake_slicer_gui
+
+    ui, _ = fake_slicer_gui.install(monkeypatch, UI_FILE)
+    monkeypatch.setattr(fake_slicer_gui.QShortcut, "created", [])
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: pytest.fail("shortcuts must not go to the main window"),
+                        raising=False)
+    sys.modules.pop("SpineInpaintRating", None)
+    import SpineInpaintRating
+
+    panel = fake_slicer_gui.FakeWidget("panel", "qSlicerScriptedLoadableModuleWidget")
+    panel.isEntered = True
+    w = SpineInpaintRating.SpineInpaintRatingWidget(parent=panel)
+    try:
+        w.setup()
+        created = fake_slicer_gui.QShortcut.created
+        assert sorted(sc.key for sc in created) == sorted(rating.SHORTCUTS)
+        qt = sys.modules["qt"]
+        assert all(sc.parent is panel and sc.context == qt.Qt.WidgetWithChildrenShortcut for sc in created)
+        assert panel.focusPolicy == qt.Qt.StrongFocus  # a click in the panel gives it the focus
+        keys = []
+        monkeypatch.setattr(w, "onKey", keys.append)
+        next(sc for sc in created if sc.key == "Y").activate()
+        assert keys == ["Y"]
+    finally:
+        w.cleanup()
+        sys.modules.pop("SpineInpaintRating", None)
+
+
+def test_rating_self_test_runs_as_ctest_does(scene, monkeypatch):
+    """SpineInpaintRatingTest through the unittest loader (slicer_add_python_unittest): runs, does not skip."""
+    import unittest
+
+    sys.path.insert(0, str(REPO / "Testing"))
+    import fake_slicer_gui
+
+    fake_slicer_gui.install(monkeypatch)
+    sys.modules.pop("SpineInpaintRating", None)
+    try:
+        import SpineInpaintRating  # noqa: F401
+
+        result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(
+            unittest.TestLoader().loadTestsFromName("SpineInpaintRating"))
+        assert result.wasSuccessful() and result.testsRun == 1 and not result.skipped, result.errors
+    finally:
+        sys.modules.pop("SpineInpaintRating", None)
 
 
 def test_remote_study_server(scene, study):

@@ -10,15 +10,17 @@ Two ways to reach a study:
 - a study **URL** (``http(s)://host:port`` of ``spine-ldm study serve``): the panel is a client of the same
   HTTP API as the browser app; the truth key and the answer store never leave the server (recommended for
   several readers);
-- a local study **folder**: answers go straight into its ``answers.sqlite``. Hand a reader a copy WITHOUT
-  ``organizer/`` (the truth key); ``openStudy`` warns when the key is still there.
+- a local study **folder**: answers go straight into its ``answers.sqlite``. It must be a *reader's copy*
+  (``makeReaderCopy``): without ``organizer/`` (the truth key) and with only that reader in its answer store.
+  ``openStudy`` refuses the organizer's folder (truth key present) and a folder holding other readers' data.
 
 Blinding on the Slicer side: the volume node is named with the anonymous case id, carries no attributes,
 and is loaded from the anonymized NRRD through SimpleITK (geometry only, no storage node pointing elsewhere;
 a downloaded volume's temporary file is deleted right after loading).
 
 Keyboard shortcuts (same letters as the browser app): Y / N realistic yes / no, P / A pathology present /
-absent, 1-5 confidence, Enter save & next, B back, L landmark on / off. Slice scrolling, zoom and
+absent, 1-5 confidence, Enter save & next, B back, L landmark on / off. They act only while the rating panel has
+the keyboard focus (``SHORTCUT_CONTEXT``), so the slice views keep their own keys. Slice scrolling, zoom and
 window/level are Slicer's own (arrow keys / wheel, right-drag, left-drag).
 """
 from __future__ import annotations
@@ -44,6 +46,9 @@ SHORTCUTS = {
     "4": ("set", ("confidence", 4)), "5": ("set", ("confidence", 5)),
     "Return": ("save", None), "Enter": ("save", None), "B": ("back", None), "L": ("landmark", None),
 }
+#: Qt.ShortcutContext of the panel's shortcuts: active while the focus is in the rating widget or its children
+#: (never application-wide: "1"-"5", "B", "L", ... are also keys of Slicer's slice views)
+SHORTCUT_CONTEXT = "WidgetWithChildrenShortcut"
 
 
 def ratingLayoutXml() -> str:
@@ -65,6 +70,62 @@ def _ensureBackendImportable() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isdir(os.path.join(here, "spine_ldm")) and here not in sys.path:
         sys.path.insert(0, here)
+
+
+def checkReaderCopy(study) -> None:
+    """Refuse (InputError) a local study folder that is not one reader's copy: the organizer's folder (it holds
+    the truth key, readers must never see it) or a folder whose answer store holds several readers (their answers
+    would be side by side in the copy)."""
+    from spine_ldm.errors import InputError
+
+    if study.truth_path().exists():
+        raise InputError(f"{study.root} holds the truth key (organizer/truth.json): open a reader's copy "
+                         "(SpineInpaintLib.rating.makeReaderCopy) or the study server's URL instead")
+    readers = study.store.readers()
+    if len(readers) > 1:
+        raise InputError(f"{study.root} holds {len(readers)} readers' answers: each reader gets a copy with only "
+                         "their own (SpineInpaintLib.rating.makeReaderCopy), or use the study server's URL")
+
+
+def makeReaderCopy(studyDir: str, readerName: str, outDir: str) -> str:
+    """Organizer: a study folder for one reader to rate locally in Slicer. It has the blinded study file and
+    volumes, no ``organizer/`` folder, and an answer store holding only that reader (same token, same case order)
+    and that reader's earlier answers and views. Returns ``outDir``."""
+    import shutil
+    import sqlite3
+
+    _ensureBackendImportable()
+    from spine_ldm.errors import InputError
+    from spine_ldm.study.engine import STUDY_FILES, Study
+    from spine_ldm.study.store import AnswerStore
+
+    study = Study.load(studyDir)
+    reader = study.store.reader_by_name(readerName)
+    if reader is None:
+        raise InputError(f"no reader {readerName!r} in {study.root}")
+    out = os.path.abspath(outDir)
+    if os.path.exists(out) and os.listdir(out):
+        raise InputError(f"{out} is not empty")
+    os.makedirs(out, mode=0o700, exist_ok=True)
+    for name in STUDY_FILES:
+        if (study.root / name).is_file():
+            shutil.copy2(study.root / name, os.path.join(out, name))
+    for case in study.cases:  # the blinded volumes only
+        dest = os.path.join(out, case["volume"])
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copy2(study.volume_path(case["case_id"]), dest)
+    AnswerStore(os.path.join(out, "answers.sqlite")).close()  # the schema, private file mode
+    con = sqlite3.connect(os.path.join(out, "answers.sqlite"))
+    try:
+        con.execute("ATTACH DATABASE ? AS src", (str(study.store.path),))
+        with con:
+            for table in ("readers", "answers", "views"):
+                con.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE reader_id = ?",
+                            (reader.reader_id,))
+        con.execute("DETACH DATABASE src")
+    finally:
+        con.close()
+    return out
 
 
 def lpsToRas(p) -> tuple:
@@ -180,13 +241,11 @@ class RatingLogic:
             study, session = None, RemoteReaderSession(location, token.strip())
         else:
             study = Study.load(location)
+            checkReaderCopy(study)
             session = study.session(token.strip())  # raises InputError("unknown reader token")
         self.close()
         self.study, self.session = study, session
         self.warnings = []
-        if study is not None and study.truth_path().exists():
-            self.warnings.append("The truth key (organizer/truth.json) is inside this study folder: "
-                                 "give readers a copy without the 'organizer' folder.")
         start = session.resume_index()
         self.loadCase(min(start, session.total - 1))
         return self.progress()
