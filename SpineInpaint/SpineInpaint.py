@@ -504,11 +504,14 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """'CUDA found: <name>' or 'running on CPU, expect ~N s' for the current parameters."""
         if self._deviceInfo is None or self._parameterNode is None:
             return
+        from SpineInpaintLib import worker
+
         p = self.currentParameters()
         info = next((m for m in self._models if m.id == (p.model or models.defaultModelFor(p.method))), None)
+        current = worker.currentWorker()
         self.ui.deviceInfoLabel.text = dependencies.deviceMessage(
             self._deviceInfo, p.device, p.steps, p.samples, info.config if info else "small",
-            methods=p.methodsToRun())
+            methods=p.methodsToRun(), warm=current is not None and current.state == worker.READY)
 
     # ------------------------------------------------------------------------------------------ run
     def updateButtons(self):
@@ -597,6 +600,7 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showResults()
         elif job.state == "error":
             slicer.util.errorDisplay(job.message)
+        self.updateDeviceLabel()  # the estimate drops once the warm backend runs
         self.ui.progressBar.setFormat(job.message)
         self.ui.progressBar.value = 1000 if job.state == "done" else self.ui.progressBar.value
         self.updateButtons()

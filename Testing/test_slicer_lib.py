@@ -555,6 +555,10 @@ def test_device_messages():
     msg = dependencies.deviceMessage(cpu, steps=50, samples=2)
     assert msg == f"running on CPU, expect ~{round(dependencies.estimateCpuSeconds(50, 2))} s"
     assert dependencies.deviceMessage(cpu, requested="cuda").startswith("CUDA requested but not available")
+    warm = dependencies.deviceMessage(cpu, steps=50, samples=2, warm=True)
+    assert warm == f"running on CPU, expect ~{round(dependencies.estimateCpuSeconds(50, 2, warm=True))} s"
+    assert dependencies.estimateCpuSeconds(50, 2) - dependencies.estimateCpuSeconds(50, 2, warm=True) == \
+        pytest.approx(dependencies.CPU_OVERHEAD_SECONDS - dependencies.WARM_OVERHEAD_SECONDS)
     one, three = (dependencies.estimateCpuSeconds(50, 1, methods=m) for m in (["weighted"], METHODS_ALL))
     assert three == pytest.approx(2 * one + dependencies.CPU_OVERHEAD_SECONDS +
                                   51 * dependencies.CPU_SECONDS_PER_STEP["small"] * dependencies.REPAINT_FACTOR)

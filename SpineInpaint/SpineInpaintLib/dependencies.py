@@ -278,19 +278,21 @@ def probeDevice(python: Optional[str] = None, env: Optional[dict] = None, timeou
 REPAINT_FACTOR = 8.0
 
 
-def estimateCpuSeconds(steps: int, samples: int, config: str = "small", methods=1) -> float:
+def estimateCpuSeconds(steps: int, samples: int, config: str = "small", methods=1, warm: bool = False) -> float:
     """Rough CPU run time: overhead + network evaluations (steps + 1 warm-up) x samples, per method.
 
-    ``methods``: a count of PLMS runs, or the method names (RePaint counts ``REPAINT_FACTOR`` times).
+    ``methods``: a count of PLMS runs, or the method names (RePaint counts ``REPAINT_FACTOR`` times). ``warm``: the
+    warm backend worker is running (no imports, models loaded), so the per-run overhead is small.
     """
     perStep = CPU_SECONDS_PER_STEP.get(config, CPU_SECONDS_PER_STEP["paper"])
     names = ["weighted"] * int(methods) if isinstance(methods, int) else list(methods)
-    return sum(CPU_OVERHEAD_SECONDS + (int(steps) + 1) * int(samples) * perStep *
+    overhead = WARM_OVERHEAD_SECONDS if warm else CPU_OVERHEAD_SECONDS
+    return sum(overhead + (int(steps) + 1) * int(samples) * perStep *
                (REPAINT_FACTOR if m == "repaint" else 1.0) for m in names)
 
 
 def deviceMessage(info: DeviceInfo, requested: str = "auto", steps: int = 50, samples: int = 1,
-                  config: str = "small", methods: int = 1) -> str:
+                  config: str = "small", methods: int = 1, warm: bool = False) -> str:
     """'CUDA found: <name>' or 'running on CPU, expect ~N s' (or why the device cannot be used)."""
     if info.error:
         return f"PyTorch not usable by the backend ({info.error})"
@@ -301,5 +303,5 @@ def deviceMessage(info: DeviceInfo, requested: str = "auto", steps: int = 50, sa
         return f"CUDA found: {info.name}{mem}"
     if requested in ("auto", "mps") and info.mps:
         return "Apple GPU (MPS) found"
-    seconds = estimateCpuSeconds(steps, samples, config, methods)
+    seconds = estimateCpuSeconds(steps, samples, config, methods, warm)
     return f"running on CPU, expect ~{int(round(seconds))} s"
