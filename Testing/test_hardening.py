@@ -29,6 +29,7 @@ from helpers_models import make_model_zip, make_registry, make_test_volume
 from spine_ldm import cli, io, pipeline
 from spine_ldm.errors import CancelledError, InputError
 from spine_ldm.pipeline import InpaintResult
+from test_cli import _events, _vec, setup  # noqa: F401 - the CLI tests' module fixture (scan + random-weights registry)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hardening-token"
@@ -47,14 +48,6 @@ def _env(**extra) -> dict:
 def _cli(args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spine_ldm", *map(str, args)], capture_output=True, text=True,
                           env=env or _env(), cwd=cwd, timeout=timeout)
-
-
-def _events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip().startswith("{")]
-
-
-def _vec(v) -> str:
-    return ",".join(f"{x:.4f}" for x in v)
 
 
 def _sha(p: Path) -> str:
@@ -107,16 +100,6 @@ def _vm_hwm_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of a live process, MB (Linux)."""
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hardening")
-    regp = make_registry(d / "reg")
-    img, lm, disc = make_test_volume()
-    inp = d / "c.nrrd"
-    sitk.WriteImage(img, str(inp))
-    return d, regp, inp, lm, disc
 
 
 def _inpaint_args(inp, lm, out, regp, *extra):
