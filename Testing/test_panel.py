@@ -29,21 +29,10 @@ sys.path.insert(0, str(MODULE_DIR))
 sys.path.insert(0, str(REPO / "Testing"))
 import fake_slicer_gui  # noqa: E402
 from SpineInpaintLib import dependencies, models, nodes, runner, worker  # noqa: E402
-from test_slicer_lib import FAKE_BACKEND, add_points, make_volume_node, ras_of_ijk, volume_nodes  # noqa: E402
+from test_slicer_lib import (FAKE_BACKEND, add_points, make_volume_node, ras_of_ijk, scene,  # noqa: E402,F401
+                             volume_nodes)
 
 GUI_BLOCK_S = 0.1  # nothing a click starts may keep the GUI thread longer
-
-
-@pytest.fixture
-def scene():
-    sc = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(sc)
-    old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = sc
-    yield sc
-    slicer.mrmlScene = old
-    sc.Clear(1)
 
 
 @pytest.fixture

@@ -30,6 +30,9 @@ from SpineInpaintLib import nodes, worker  # noqa: E402
 from SpineInpaintLib.logic import InpaintLogic  # noqa: E402
 from SpineInpaintLib.parameters import InpaintParameters  # noqa: E402
 
+sys.path.insert(0, str(REPO / "Testing"))
+from test_slicer_lib import scene  # noqa: E402,F401  (the headless scene fixture)
+
 FAKE_WORKER = textwrap.dedent(r'''
     """spine-ldm serve with a fake pipeline: FAKE_WORKER_MODE ok | slow."""
     import argparse, os, sys, time
@@ -71,18 +74,6 @@ FAKE_WORKER = textwrap.dedent(r'''
     token = open(a.token_file).read().strip()
     server.serve(host=a.host, port=a.port, token=token, registry=a.registry, parent_pid=a.parent_pid)
 ''')
-
-
-@pytest.fixture
-def scene():
-    sc = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(sc)
-    old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = sc
-    yield sc
-    slicer.mrmlScene = old
-    sc.Clear(1)
 
 
 @pytest.fixture
