@@ -113,7 +113,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                         "left out (default without --mix: every case)")
     q.add_argument("--seed", type=int, default=0, help="seed of the case selection (default 0)")
     q.add_argument("--fov", choices=("fsu", "whole"), default="fsu",
-                   help="field of view: FSU crop 8x8x5 cm around the disc centre (default) or the whole volume")
+                   help="field of view: 8x8x5 cm FSU box centred on the landmark, every case on one canonical grid "
+                        "(default), or the whole volume on the scan's own grid")
     q.add_argument("--name", default=None, help="study name shown to readers")
     q.add_argument("--truth-out", default=None, help="where to write the hidden truth key "
                                                      "(default STUDY_DIR/organizer/truth.json)")

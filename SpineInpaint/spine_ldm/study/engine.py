@@ -366,7 +366,8 @@ def real_sources(manifest: str | Path) -> list[dict]:
     """Real cases from a CSV manifest or a JSON list.
 
     Columns / keys: ``path`` (relative to the manifest), ``level``, ``condition`` (the case's true condition;
-    ``none`` = healthy), ``landmark_lps`` ("x y z" or landmark_lps_x/_y/_z), optional ``disc_center_lps``,
+    ``none`` = healthy), ``landmark_lps`` ("x y z" or landmark_lps_x/_y/_z), optional ``disc_center_lps`` (kept in
+    the truth key; the served view depends on the landmark only),
     optional ``ask_condition`` (what a healthy control is asked about).
     """
     m = Path(manifest)
@@ -486,7 +487,8 @@ def create_study(out_dir: str | Path, inpainted: list[dict], real: list[dict], *
         truth[cid] = {"truth": src["truth"], "method": src.get("method"), "true_condition": src["condition"],
                       "asked_condition": ask, "level": src["level"], "source": src["path"],
                       "landmark_lps": list(src["landmark_lps"]),
-                      "center_lps": list(centre), "provenance": src.get("provenance", {})}
+                      "center_lps": list(centre), "disc_center_lps": list(src["disc_center_lps"])
+                      if src.get("disc_center_lps") else None, "provenance": src.get("provenance", {})}
         if progress:
             progress(n + 1, len(chosen))
     cases.sort(key=lambda c: c["case_id"])
