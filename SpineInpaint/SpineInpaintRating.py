@@ -205,9 +205,11 @@ class SpineInpaintRatingTest(ScriptedLoadableModuleTest):
         from SpineInpaintLib.rating import _ensureBackendImportable
 
         _ensureBackendImportable()
-        try:
-            import spine_ldm.study.engine  # noqa: F401  (numpy, SimpleITK, scipy for the demo phantom)
-            import scipy.ndimage  # noqa: F401
+        import importlib
+
+        try:  # numpy, SimpleITK, and scipy for the demo study's phantom
+            for name in ("spine_ldm.study.engine", "scipy.ndimage"):
+                importlib.import_module(name)
         except ImportError as e:
             return f"the reader-study backend cannot be imported ({e}); press Apply once in SpineInpaint"
         return ""

@@ -17,7 +17,6 @@ import types
 import unittest
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
@@ -28,9 +27,11 @@ MODULE_DIR = REPO / "SpineInpaint"
 sys.path.insert(0, str(MODULE_DIR))
 sys.path.insert(0, str(REPO / "Testing"))
 import fake_slicer_gui  # noqa: E402
-from SpineInpaintLib import dependencies, models, nodes, runner, worker  # noqa: E402
-from test_slicer_lib import (FAKE_BACKEND, add_points, make_volume_node, ras_of_ijk, scene,  # noqa: E402,F401
-                             volume_nodes)
+from SpineInpaintLib import dependencies, models, runner, worker  # noqa: E402
+import test_slicer_lib  # noqa: E402
+from test_slicer_lib import FAKE_BACKEND, add_points, make_volume_node, ras_of_ijk, volume_nodes  # noqa: E402
+
+scene = test_slicer_lib.scene  # the headless scene fixture
 
 GUI_BLOCK_S = 0.1  # nothing a click starts may keep the GUI thread longer
 

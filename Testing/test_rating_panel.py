@@ -213,8 +213,6 @@ def test_readers_copy_holds_only_that_readers_answers(scene, study, tmp_path):
 def test_shortcuts_act_only_while_the_panel_has_focus(scene, monkeypatch):
     """The rating widget's keys are owned by the panel with a widget-with-children context, never the main
     window's application-wide context where 1-5, B, L, ... belong to the slice views."""
-    import types
-
     sys.path.insert(0, str(REPO / "Testing"))
     import fake_slicer_gui
 
@@ -254,8 +252,9 @@ def test_rating_self_test_runs_as_ctest_does(scene, monkeypatch):
     fake_slicer_gui.install(monkeypatch)
     sys.modules.pop("SpineInpaintRating", None)
     try:
-        import SpineInpaintRating  # noqa: F401
+        import SpineInpaintRating
 
+        assert hasattr(SpineInpaintRating, "SpineInpaintRatingTest")
         result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(
             unittest.TestLoader().loadTestsFromName("SpineInpaintRating"))
         assert result.wasSuccessful() and result.testsRun == 1 and not result.skipped, result.errors

@@ -674,10 +674,12 @@ def test_slicer_self_test_headless(scene, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
     fake_slicer_gui.install(monkeypatch)
     sys.modules.pop("SpineInpaint", None)
+    from SpineInpaintLib import worker
+
     try:
         import SpineInpaint
-        from SpineInpaintLib import worker
 
+        assert SpineInpaint.SpineInpaintTest.__module__ == "SpineInpaint"
         result = unittest.TextTestRunner(verbosity=2).run(unittest.TestLoader().loadTestsFromName("SpineInpaint"))
         assert result.wasSuccessful() and result.testsRun == 2 and not result.skipped, result.skipped
     finally:

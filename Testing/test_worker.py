@@ -31,7 +31,9 @@ from SpineInpaintLib.logic import InpaintLogic  # noqa: E402
 from SpineInpaintLib.parameters import InpaintParameters  # noqa: E402
 
 sys.path.insert(0, str(REPO / "Testing"))
-from test_slicer_lib import scene  # noqa: E402,F401  (the headless scene fixture)
+import test_slicer_lib  # noqa: E402
+
+scene = test_slicer_lib.scene  # the headless scene fixture
 
 FAKE_WORKER = textwrap.dedent(r'''
     """spine-ldm serve with a fake pipeline: FAKE_WORKER_MODE ok | slow."""
