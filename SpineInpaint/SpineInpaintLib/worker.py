@@ -238,7 +238,7 @@ class WorkerJob:
             self.lastProgress = self.inner.lastProgress
             if self.inner.state != RUNNING:
                 self.state, self.result = self.inner.state, self.inner.result
-                self.error = events[-1] if self.state == FAILED and events else self.inner.error
+                self.error = next((e for e in reversed(events) if e.get("event") == "error"), self.inner.error)
         if self.onEvent:
             for e in events:
                 self.onEvent(e)
