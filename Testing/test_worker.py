@@ -176,9 +176,8 @@ def test_worker_exits_with_its_parent(tmp_path, fake_worker):
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f'''
         import sys, time
-        sys.path.insert(0, {str(MODULE_DIR)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(MODULE_DIR)!r})
         from SpineInpaintLib import worker
-        import test_worker as t
         builder = lambda tokenFile, python=None, registry=None, parentPid=None: [sys.executable,
             {str(tmp_path / "fake_worker.py")!r}] + worker.workerCommand(tokenFile, parentPid=parentPid)[4:]
         w = worker.getWorker(sys.executable, commandBuilder=builder).ensureStarted()
