@@ -304,6 +304,33 @@ def test_weighted_loss_excludes_unnoised_voxels(sched, x0):
     assert 1 <= int(inf["t"].min()) and int(inf["t"].max()) <= 1000
 
 
+def test_snr_gamma_weights_voxels_by_min_snr(sched, x0):
+    """snr_gamma g: each included voxel also counts min(SNR_v, g) / SNR_v, SNR_v = abar(t_v) / (1 - abar(t_v)), so
+    barely noised voxels weigh less; combined with roi_loss_weight multiplicatively; 0 = off; negative = error."""
+    W = smooth_weight(sigma=1.5)
+    t = torch.tensor([30, 800])
+    for method in ("weighted", "full"):
+        Wm = None if method == "full" else W
+        l0, info = diffusion_loss(lambda x, tg, tv: x * 0.5, x0, Wm, method, sched, torch.Generator(), t=t,
+                                  return_info=True)
+        l5 = diffusion_loss(lambda x, tg, tv: x * 0.5, x0, Wm, method, sched, torch.Generator(), t=t, snr_gamma=5.0,
+                            roi_loss_weight=2.0)
+        tv = info["t_voxel"]
+        a = sched.abar(tv, dtype=torch.float64).clamp(max=1 - 1e-12)
+        snr = a / (1 - a)
+        w = (tv > 0).double() * (snr.clamp(max=5.0) / snr)
+        if method != "full":
+            w = w * (1 + 2.0 * W.double())
+        w = w.expand_as(x0)
+        err = ((info["x_t"] * 0.5 - info["eps"]) ** 2).double()
+        assert torch.allclose(l5.double(), (err * w).sum() / w.sum(), rtol=1e-5)
+        assert not torch.allclose(l0, l5)
+        # t = 800 (SNR < 5) keeps full weight, t = 30 (SNR ~ 24) is down-weighted
+        assert float(w[1].max()) > float(w[0].max()) * 3
+    with pytest.raises(InputError, match="snr_gamma"):
+        diffusion_loss(toy_model, x0, W, "weighted", sched, snr_gamma=-1)
+
+
 def test_roi_loss_weight_weights_voxels_by_W(sched, x0):
     """roi_loss_weight r: each included voxel counts 1 + r W_v (weighted and masked); 0 is the plain mean."""
     W = smooth_weight(sigma=1.0)

@@ -12,7 +12,11 @@ Usage::
     python benchmarks/bench_inpaint.py --devices cuda --configs paper
 
 Peak memory is ``torch.cuda.max_memory_allocated`` for CUDA and the process's peak RSS for CPU (a process-lifetime
-maximum: it only grows across rows). Prints a table and writes JSON (``--out``). No assertions: this is a script.
+maximum: it only grows across rows). ``unet_s`` is the median time of one bare U-Net evaluation at the batch the
+sampler uses (one CPU sample runs as a batch of two), and ``vs_50_unet`` = sampling seconds / (50 x unet_s): what the
+sampler adds on top of its network evaluations (the weighted sampler should stay within 1.2x). ``--registry``
+benchmarks a registry's default models (e.g. the bundled ones) instead of random-init weights. Prints a table and
+writes JSON (``--out``). No assertions: this is a script.
 """
 from __future__ import annotations
 
@@ -47,6 +51,33 @@ def synthetic_volume(spacing=(4.3, 0.625, 0.625), extent_mm=(110.0, 200.0, 200.0
     return img
 
 
+def unet_eval_seconds(method: str, device: str, registry, samples: int, reps: int = 15) -> float:
+    """Median seconds of one U-Net evaluation of ``method``'s default model at the sampler's batch size."""
+    import torch
+
+    from spine_ldm import pipeline
+    from spine_ldm.device import autocast, select_device
+
+    dev = select_device(device)
+    cfg, _, unet, _, _ = pipeline.load_model(None, method, dev, registry, condition="dh_moderate_large")
+    batch = 2 if (samples == 1 and dev.type == "cpu") else samples
+    lat = [s // f for s, f in zip(cfg.fsu_shape, cfg.latent_factors)]
+    x = torch.randn(batch, cfg.autoencoder.latent_channels, *lat, device=dev)
+    t = torch.full((batch,), 500, dtype=torch.long, device=dev)
+    lvl = torch.zeros(batch, dtype=torch.long, device=dev)
+    w = torch.ones(batch, 1, *lat, device=dev) if getattr(unet, "w_channel", False) else None
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 2):
+            t0 = time.perf_counter()
+            with autocast(dev):
+                unet(x, t, lvl, lvl + 2, w=w)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="small", help="comma list of small,paper (paper is slow on CPU)")
@@ -56,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--registry", default=None,
+                    help="benchmark this registry's default models (e.g. SpineInpaint/Resources/Models.json) "
+                         "instead of random-init weights of --configs")
     args = ap.parse_args(argv)
 
     import torch
@@ -72,9 +106,11 @@ def main(argv=None) -> int:
     centre = (0.0, 0.0, 0.0)
     landmark = (0.0, 20.0, 0.0)  # 20 mm posterior of the "disc centre"
     rows = []
+    if args.registry:
+        configs = ["registry"]
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs:
-            regp = make_registry(Path(tmp) / cfg, config=cfg)
+            regp = args.registry or make_registry(Path(tmp) / cfg, config=cfg)
             for dev in devices:
                 for method in methods:
                     kw = dict(method=method, device=dev, registry=regp, disc_center_lps=centre,
@@ -85,7 +121,11 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     res = pipeline.inpaint(img, landmark, "L4-L5", "dh_moderate_large", steps=args.steps, **kw)
                     wall = time.perf_counter() - t0
-                    row = {"config": cfg, "device": res.device, "method": method, "steps": args.steps,
+                    unet_s = unet_eval_seconds(method, dev, regp, args.samples)
+                    samp = res.timings.get("sample", float("nan"))
+                    row = {"config": res.provenance["model_config"] if args.registry else cfg,
+                           "model_id": res.provenance["model_id"], "unet_s": round(unet_s, 4),
+                           "vs_50_unet": round(samp / (50 * unet_s), 3) if method != "repaint" else None, "device": res.device, "method": method, "steps": args.steps,
                            "samples": args.samples, "nfe": res.nfe, "seconds": round(wall, 3),
                            "seconds_sampling": round(res.timings.get("sample", float("nan")), 3),
                            "seconds_per_nfe": round(res.timings.get("sample", wall) / max(res.nfe, 1), 4),
@@ -93,15 +133,17 @@ def main(argv=None) -> int:
                            "peak_memory_kind": "cuda_max_allocated" if dev.startswith("cuda") else "process_rss_peak",
                            "sampler": res.provenance["sampler"]}
                     rows.append(row)
-                    print(f"{cfg:6} {res.device:32} {method:9} nfe {res.nfe:4d}  {wall:8.2f} s  "
-                          f"{row['seconds_per_nfe']:.3f} s/nfe  peak {res.peak_memory_mb:8.0f} MB", flush=True)
+                    print(f"{row['config']:6} {res.device:32} {method:9} nfe {res.nfe:4d}  {wall:8.2f} s  "
+                          f"{row['seconds_per_nfe']:.3f} s/nfe  unet {unet_s:.3f} s  x50 ratio "
+                          f"{row['vs_50_unet']}  peak {res.peak_memory_mb:8.0f} MB", flush=True)
     print()
-    hdr = f"| config | device | method | nfe | seconds | s/nfe | peak MB |"
+    hdr = "| config | device | method | nfe | seconds | s/nfe | sampling / 50 U-Net evals | peak MB |"
     print(hdr)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for r in rows:
+        ratio = "-" if r["vs_50_unet"] is None else f"{r['vs_50_unet']:.2f}"
         print(f"| {r['config']} | {r['device']} | {r['method']} | {r['nfe']} | {r['seconds']:.2f} | "
-              f"{r['seconds_per_nfe']:.3f} | {r['peak_memory_mb']:.0f} |")
+              f"{r['seconds_per_nfe']:.3f} | {ratio} | {r['peak_memory_mb']:.0f} |")
     meta = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

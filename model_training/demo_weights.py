@@ -153,8 +153,8 @@ def main_demo(args) -> int:
         timings["ldm_amp"] = "bf16"
         log("[demo] LDMs train under CPU bfloat16 autocast (--cpu-bf16 off for fp32)")
     todo = []
-    for fam in families:
-        for m in methods:
+    for m in methods:  # method-major: the weighted models (the paper's method) finish first
+        for fam in families:
             run = work / "runs" / f"{m}-{fam}"
             info = C.read_run_info(run) if (run / "run.json").is_file() else {}
             if (run / "unet.pt").is_file() and info.get("status") == "complete" and \

@@ -81,7 +81,7 @@ def _landmarks(batch) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- loss
 def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: float, autocast=None, generator=None,
-                 roi_loss_weight: float = 0.0):
+                 roi_loss_weight: float = 0.0, snr_gamma: float = 0.0):
     """Diffusion loss of one batch via ``spine_ldm.diffusion.diffusion_loss`` (the sampler's noising code;
     random t and eps from ``generator`` or torch's global RNG). Returns a float32 scalar tensor."""
     from spine_ldm.diffusion import diffusion_loss
@@ -92,7 +92,8 @@ def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: floa
     ctx = autocast() if autocast is not None else _null()
     with ctx:
         out = diffusion_loss(model_fn, z0, None if method == "full" else W, method=method, schedule=schedule,
-                             generator=generator, roi_threshold=roi_threshold, roi_loss_weight=roi_loss_weight)
+                             generator=generator, roi_threshold=roi_threshold, roi_loss_weight=roi_loss_weight,
+                             snr_gamma=snr_gamma)
     return out.float()
 
 
@@ -149,6 +150,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     sigma = float(cfg.get("sigma_mm", 16.0))
     roi_thr = float(cfg.get("roi_threshold", 0.1))
     roi_lw = float(cfg.get("roi_loss_weight", 0.0) or 0.0)
+    snr_g = float(cfg.get("snr_gamma", 0.0) or 0.0)
     conds = C.pathology_conditions(conditions) if method in ("weighted", "masked") else \
         (tuple(conditions) if conditions else None)
     if dataset is None:
@@ -244,7 +246,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
             ctx = model.no_sync() if (env.distributed and not sync) else _null()
             with ctx:
                 loss = compute_loss(model, schedule, z0, level, cond, W, method, roi_thr, autocast,
-                                    roi_loss_weight=roi_lw)
+                                    roi_loss_weight=roi_lw, snr_gamma=snr_g)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             tot += float(loss.detach()) / accum
         _step(opt, scaler, unet.parameters(), clip)

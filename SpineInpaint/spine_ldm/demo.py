@@ -41,9 +41,12 @@ def shared_lumbar_dir() -> Path:
 
 
 def check_demo_weights(registry=None) -> None:
+    """Every model the demo uses (the registry's default per method and case condition) is registered and its
+    files verify; else a ModelError that says how to get them."""
     from . import registry as reg
 
-    ids = [reg.DEFAULT_MODEL_FOR_METHOD[m] for m in METHODS]
+    ids = list(dict.fromkeys(reg.default_model_id(m, condition, registry) for _, _, condition in CASES
+                             for m in METHODS))
     known = {e.id for e in reg.list_models(registry)}
     missing = [i for i in ids if i not in known]
     where = registry or reg.default_registry_path()

@@ -16,7 +16,10 @@ told that global t (as in the paper); eps ~ N(0, I).
 The loss is the mean of (eps_pred - eps)^2 over the included voxels and channels of the batch (0 with a zero
 gradient when no voxel is included). ``roi_loss_weight`` r > 0 (weighted / masked only; 0 = the paper) weights each
 included voxel by ``1 + r W_v`` (normalised by the sum of the weights): the voxels near the landmark, the only ones
-that carry the pathology, then count more than the lightly noised context.
+that carry the pathology, then count more than the lightly noised context. ``snr_gamma`` g > 0 (0 = the paper)
+additionally weights each included voxel by ``min(SNR_v, g) / SNR_v`` with ``SNR_v = abar(t_v) / (1 - abar(t_v))``
+(min-SNR-g weighting, Hang et al. 2023, applied per voxel): eps errors at barely noised voxels, which say little
+about the image and dominate a weighted-noise batch, count less.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ METHODS = ("weighted", "masked", "full")
 def diffusion_loss(unet_fn, z0: torch.Tensor, W=None, method: str = "weighted",
                    schedule: NoiseSchedule | None = None, generator: torch.Generator | None = None,
                    roi_threshold: float = 0.1, t: torch.Tensor | None = None, return_info: bool = False,
-                   roi_loss_weight: float = 0.0):
+                   roi_loss_weight: float = 0.0, snr_gamma: float = 0.0):
     if method not in METHODS:
         raise InputError(f"method {method!r} unknown; use one of {', '.join(METHODS)}")
     if z0.ndim < 3:
@@ -74,6 +77,12 @@ def diffusion_loss(unet_fn, z0: torch.Tensor, W=None, method: str = "weighted",
         if float(roi_loss_weight) < 0:
             raise InputError(f"roi_loss_weight must be >= 0, got {roi_loss_weight}")
         m = m * (1.0 + float(roi_loss_weight) * W.to(pred.dtype))
+    if snr_gamma:
+        if float(snr_gamma) < 0:
+            raise InputError(f"snr_gamma must be >= 0, got {snr_gamma}")
+        a = schedule.abar(tv, dtype=torch.float64, device=tv.device).clamp(max=1.0 - 1e-12)
+        snr = a / (1.0 - a)
+        m = m * (snr.clamp(max=float(snr_gamma)) / snr).to(pred.dtype)
     m = m.expand_as(pred)
     n = m.sum()
     loss = ((pred - eps) ** 2 * m).sum() / n.clamp_min(1)
