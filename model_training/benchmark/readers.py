@@ -1,6 +1,6 @@
 """Automatic readers (the paper's Table 2, without a radiologist).
 
-**Pathology-present reader** (:class:`PresentReader`): a small 3D CNN (:class:`PresentNet`, ~18k parameters) on
+**Pathology-present reader** (:class:`PresentReader`): a small 3D CNN (:class:`PresentNet`, ~21k parameters) on
 the 2.5 x 2.5 x 5 cm crop (SI x AP x LR, :data:`CROP_SPEC`: 20 x 20 x 16 voxels of 1.25 x 1.25 x 3.125 mm) around a
 landmark, intensities normalised by the healthy input's FSU (:func:`crop_normalization`) and mapped to [0, 1]. It
 classifies the crop as one of :data:`CLASSES` (none, DH small, DH moderate/large, CCS moderate, CCS severe);
@@ -65,7 +65,8 @@ def target_type(condition: str) -> str:
 # --------------------------------------------------------------------------- network
 class PresentNet(torch.nn.Module):
     """(B, 1, 20, 20, 16) -> logits over :data:`CLASSES`: three 3x3x3 conv blocks (8, 16, 32 channels, ReLU,
-    max-pool 2 after the first two), global average pooling, linear."""
+    max-pool 2 after the first two; 5 x 5 x 4 map), then global average pooling *and* the central 3 x 3 x 2 of the
+    map (where the landmark is: the reader must judge the landmark, not dark tissue anywhere), linear."""
 
     def __init__(self, channels=(8, 16, 32), n_classes: int = len(CLASSES)):
         super().__init__()
@@ -73,13 +74,15 @@ class PresentNet(torch.nn.Module):
         self.c1 = torch.nn.Conv3d(1, c1, 3, padding=1)
         self.c2 = torch.nn.Conv3d(c1, c2, 3, padding=1)
         self.c3 = torch.nn.Conv3d(c2, c3, 3, padding=1)
-        self.head = torch.nn.Linear(c3, n_classes)
+        self.head = torch.nn.Linear(c3 * (1 + 3 * 3 * 2), n_classes)
 
     def forward(self, x):
         x = F.max_pool3d(F.relu(self.c1(x)), 2)
         x = F.max_pool3d(F.relu(self.c2(x)), 2)
-        x = F.relu(self.c3(x)).mean(dim=(2, 3, 4))
-        return self.head(x)
+        x = F.relu(self.c3(x))
+        d, h, w = x.shape[2:]
+        centre = x[:, :, (d - 3) // 2:(d - 3) // 2 + 3, (h - 3) // 2:(h - 3) // 2 + 3, (w - 2) // 2:(w - 2) // 2 + 2]
+        return self.head(torch.cat([x.mean(dim=(2, 3, 4)), centre.flatten(1)], dim=1))
 
 
 class PresentReader:
@@ -286,7 +289,7 @@ def augment(x: torch.Tensor, g: torch.Generator, max_blur: float = 1.5) -> torch
     return x * scale + offset + noise
 
 
-def train_net(x: np.ndarray, y: np.ndarray, epochs: int = 40, batch: int = 64, lr: float = 2e-3, seed: int = 0,
+def train_net(x: np.ndarray, y: np.ndarray, epochs: int = 15, batch: int = 64, lr: float = 2e-3, seed: int = 0,
               log=print) -> PresentNet:
     """Train a :class:`PresentNet` (Adam, class-balanced cross-entropy, :func:`augment`, cosine LR)."""
     torch.manual_seed(seed)
@@ -295,8 +298,11 @@ def train_net(x: np.ndarray, y: np.ndarray, epochs: int = 40, batch: int = 64, l
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     xt = torch.as_tensor(x, dtype=torch.float32)[:, None]
     yt = torch.as_tensor(y, dtype=torch.long)
+    # healthy crops carry half of the loss, the pathology classes share the other half equally: "present" is judged
+    # against "none", so a 5-class balance (none = 1/5 of the weight) would bias the reader towards "present"
     counts = torch.bincount(yt, minlength=len(CLASSES)).float()
-    weight = torch.where(counts > 0, counts.sum() / (len(CLASSES) * counts.clamp_min(1)), torch.zeros(()))
+    share = torch.tensor([0.5] + [0.5 / (len(CLASSES) - 1)] * (len(CLASSES) - 1))
+    weight = torch.where(counts > 0, share * counts.sum() / counts.clamp_min(1), torch.zeros(()))
     n_steps = epochs * math.ceil(len(yt) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, n_steps), pct_start=0.1)
     t = time.time()
@@ -345,7 +351,7 @@ def blurred(x: np.ndarray, sigma_vox: float) -> np.ndarray:
     return _blur(xt, torch.full((len(xt),), float(sigma_vox)))[:, 0].numpy()
 
 
-def train_reader(seeds, heldout_seeds, out, epochs: int = 40, spacing=None, jitter: int = 3, seed: int = 0,
+def train_reader(seeds, heldout_seeds, out, epochs: int = 15, spacing=None, jitter: int = 3, seed: int = 0,
                  registry=None, exclude_seeds=None, log=print) -> dict:
     """Build crops, train, evaluate on held-out seeds; writes ``<out>/reader.pt`` and ``<out>/reader.json``.
 
@@ -356,6 +362,7 @@ def train_reader(seeds, heldout_seeds, out, epochs: int = 40, spacing=None, jitt
     from .cases import PHANTOM_SPACING
     from .seeds import check_disjoint, format_seeds, recorded_seeds
 
+    log = log or (lambda s: None)
     spacing = tuple(PHANTOM_SPACING if spacing is None else spacing)
     seeds, heldout_seeds = sorted(set(seeds)), sorted(set(heldout_seeds))
     if set(seeds) & set(heldout_seeds):
@@ -475,7 +482,7 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout-seeds", default="900240-900299", help="held-out seeds (default %(default)s)")
     p.add_argument("--exclude-seeds", help="seeds that must not be used (e.g. the benchmark's), refused on overlap")
     p.add_argument("--out", required=True, help="run folder (crop cache, reader.pt, reader.json)")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--jitter", type=int, default=3, help="extra jittered crops per landmark (+-2 mm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
