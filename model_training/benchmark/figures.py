@@ -44,7 +44,7 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
     cols = [("H", "healthy"), ("P", "truth")] + [(f"{m}_{k}", f"{METHOD_LABELS.get(m, m)} #{k}")
                                                  for m in methods for k in range(1, samples + 1)]
     n_rows = 2 * len(cases)
-    size = 1.45
+    size = 1.75
     fig, axes = plt.subplots(n_rows, len(cols), figsize=(size * len(cols) + 0.6, size * n_rows + 0.7),
                              squeeze=False, gridspec_kw={"wspace": 0.03, "hspace": 0.03})
     half = VIEW_MM / 2
@@ -66,7 +66,8 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                     continue
                 ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, extent=ext, interpolation="bilinear")
                 ax.add_patch(plt.Circle((0, 0), r_roi, fill=False, ls="--", lw=0.6, color="#33c3ff", alpha=0.8))
-                ax.plot([0], [0], marker="+", color="yellow", markersize=6, mew=0.9)
+                for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):  # crosshair with a gap: the centre stays visible
+                    ax.plot([2.5 * dx, 6.0 * dx], [2.5 * dy, 6.0 * dy], color="yellow", lw=0.8)
                 ax.set_xlim(-half, half)
                 ax.set_ylim(half, -half)
                 if ci == 0 and vi == 0:
@@ -82,7 +83,7 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                                 va="bottom")
     fig.suptitle(title, fontsize=8, y=0.995)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (size * n_rows + 0.7))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -119,6 +120,14 @@ def summary_chart(cells: dict, methods, conditions, path: Path, title: str) -> P
                 ax.scatter(x, ceil, marker="_", s=160, color="black", zorder=3, label="ceiling")
             if key in ("present", "c2st_auc", "geom_ratio", "sharp"):
                 ax.axhline(0.5 if key == "c2st_auc" else 1.0, color="grey", lw=0.6, ls=":")
+            if key in ("present", "c2st_auc"):
+                ax.set_ylim(0, 1.05)
+            elif key == "cos":
+                ax.set_ylim(min(-0.1, np.nanmin(np.r_[mean, 0.0]) - 0.05), 1.0)
+            for xi, v in zip(x, mean):
+                if math.isfinite(v):
+                    ax.annotate(f"{v:.2f}", (xi, v), xytext=(0, 2 if v >= 0 else -8), textcoords="offset points",
+                                ha="center", fontsize=5.5)
             ax.axhline(0, color="black", lw=0.5)
             ax.set_xticks(x)
             ax.set_xticklabels([METHOD_LABELS.get(m, m) for m in methods], fontsize=6)

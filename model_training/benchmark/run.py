@@ -303,8 +303,9 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
         if not np.array_equal(again, sitk.GetArrayFromImage(res.outputs[0])):
             raise RuntimeError(f"the benchmark's paste-back differs from the pipeline's output ({method}, {mid}); "
                                f"model_training.benchmark.run.compose must follow pipeline.inpaint")
-        ckey = (tuple(sorted(prov["weights_sha256"].items())) if isinstance(prov.get("weights_sha256"), dict)
-                else mid, sig, mode)
+        shas = prov.get("weights_sha256")
+        ae = shas.get("autoencoder", mid) if isinstance(shas, dict) else mid
+        ckey = (ae, tuple(prov.get("fsu_shape", ())), tuple(prov.get("fsu_size_mm", ())), sig, mode)  # one per AE
         if ckey not in recon_cache:
             _, recon_p = reconstruct(P, lm, case.level, case.condition, method, mid, disc, s["device"], s["registry"])
             ceiling = compose(H, recon_p, lm, prov, recon_h)
