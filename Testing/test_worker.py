@@ -3,7 +3,7 @@ Slicer, and the same results as the one-shot process.
 
 The fake worker is the real ``spine_ldm.server.serve`` (same HTTP API, same ``listening`` announcement, same
 ``--parent-pid`` watchdog) with a fake pipeline in place of ``pipeline.inpaint``: no torch, starts in about a
-second. ``test_warm_worker_matches_one_shot_backend`` runs the real backend on random-init tiny weights.
+second. ``test_warm_worker_matches_one_shot_backend`` (slow suite) runs the real backend on random-init tiny weights.
 """
 from __future__ import annotations
 
@@ -208,8 +208,10 @@ def test_shutdown_stops_the_worker(scene, fake_worker):
     assert not alive
 
 
+@pytest.mark.slow
 def test_warm_worker_matches_one_shot_backend(scene, tmp_path):
-    """The real backend (tiny random weights): the worker's result is the one-shot process's, voxel for voxel."""
+    """The real backend (tiny random weights): the worker's result is the one-shot process's, voxel for voxel
+    (slow: two torch processes; ~45 s on 2 idle cores)."""
     pytest.importorskip("torch")
     sys.path.insert(0, str(REPO / "Testing"))
     helpers = pytest.importorskip("helpers_models")
