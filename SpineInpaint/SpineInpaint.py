@@ -403,6 +403,14 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.text = _("Cancel download") if "downloadModel" in self.tasks else _("Download")
         if busy:
             return
+        if info is None and not remote and self._parameterNode is not None:  # "default for this method"
+            node = self._parameterNode
+            modelId = models.defaultModelFor(node.method, node.condition, self.registryPath())
+            info = next((m for m in self._models if m.id == modelId), None)
+            if info is None or info.status in ("ok", "unknown"):
+                self.ui.modelStatusLabel.text = _("Default for this case: {model}").format(model=modelId) if modelId \
+                    else _("No default model for this method and condition: choose one.")
+                return
         if info is None:
             self.ui.modelStatusLabel.text = _("checking models...") if "verifyModels" in self.tasks else ""
         elif info.status != "ok":
@@ -507,7 +515,8 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SpineInpaintLib import worker
 
         p = self.currentParameters()
-        info = next((m for m in self._models if m.id == (p.model or models.defaultModelFor(p.method))), None)
+        modelId = p.model or models.defaultModelFor(p.method, p.condition, self.registryPath())
+        info = next((m for m in self._models if m.id == modelId), None)
         current = worker.currentWorker()
         self.ui.deviceInfoLabel.text = dependencies.deviceMessage(
             self._deviceInfo, p.device, p.steps, p.samples, info.config if info else "small",
@@ -757,7 +766,8 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
 
         self._requirePrerequisites()
         registry = os.environ.get("SPINE_LDM_REGISTRY") or defaultRegistryPath()
-        demo = {m.id: m for m in models.listModels(registry)}[models.defaultModelFor("weighted")]
+        expected = models.defaultModelFor("weighted", "dh_moderate_large", registry)
+        demo = {m.id: m for m in models.listModels(registry)}[expected]
         self.delayDisplay("Generating the phantom")
         volume, discs, landmark = self._phantom()
         before = nodes.snapshotNode(volume)

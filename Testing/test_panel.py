@@ -160,6 +160,8 @@ def test_a_script_change_updates_the_panel(gui, scene):
     assert gui.ui.samplesSpinBox.value == 5
     assert gui.ui.pathologyComboBox.currentIndex == 0 and gui.ui.severityComboBox.currentData == "small"
     assert gui.ui.methodComboBox.currentIndex == 1 and gui.ui.modelComboBox.currentData == ""  # default for method
+    expected = models.defaultModelFor("masked", "dh_small", w.registryPath())  # the backend's choice for the case
+    assert expected and gui.ui.modelStatusLabel.text == f"Default for this case: {expected}"
     with pytest.raises(ValueError):
         node.samples = 0  # the wrapper's validators use the dataclass's ranges
     with pytest.raises(ValueError):

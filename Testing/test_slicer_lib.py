@@ -535,6 +535,23 @@ def test_models_list_with_sha_status(tmp_path):
     assert any("sha256 mismatch" in msg for msg in infos[data["models"][0]["id"]].messages)
 
 
+def test_default_model_follows_method_and_condition(tmp_path):
+    """"default for this method": the backend's choice, which a registry can make per pathology."""
+    def entry(mid, conditions, default=True):
+        f = {"path": "x.pt", "sha256": "ab" * 32}
+        return {"id": mid, "method": "weighted", "config": "small", "files": {"autoencoder": f, "unet": f},
+                "default": default, "training": {"conditions": conditions}}
+
+    reg = tmp_path / "Models.json"
+    reg.write_text(json.dumps({"version": 1, "models": [
+        entry("plain-weighted", ["dh_small"], default=False), entry("hernia-weighted", ["dh_small", "dh_moderate_large"]),
+        entry("stenosis-weighted", ["ccs_moderate", "ccs_severe"])]}))
+    assert models.defaultModelFor("weighted", "ccs_severe", str(reg)) == "stenosis-weighted"
+    assert models.defaultModelFor("weighted", "dh_moderate_large", str(reg)) == "hernia-weighted"
+    assert models.defaultModelFor("weighted", "none", str(reg)) == ""  # none flagged for it: the panel says so
+    assert models.defaultModelFor("masked", "ccs_severe", str(reg)) == "demo-small-masked"  # no flagged entry
+
+
 def test_models_from_remote_answer():
     answer = [{"id": "srv-weighted", "method": "weighted", "config": "/opt/m/paper.yaml", "status": "ok",
                "files": {"autoencoder": "ok", "unet": "ok"}, "sha256": {"unet": "cd" * 32}},

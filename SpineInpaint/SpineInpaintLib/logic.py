@@ -66,10 +66,10 @@ def selfTestProblem(registry: Optional[str] = None) -> str:
     registry = registry or os.environ.get("SPINE_LDM_REGISTRY") or defaultRegistryPath()  # the backend's rule
     if not os.path.exists(registry):
         return f"model registry {registry} is missing"
-    wanted = models.defaultModelFor("weighted")
+    wanted = models.defaultModelFor("weighted", "dh_moderate_large", registry)  # what the self-test runs
     demo = {m.id: m for m in models.listModels(registry)}.get(wanted)
     if demo is None:
-        return f"model {wanted} is not in {registry}"
+        return f"{registry} has no default weighted model for dh_moderate_large ({wanted or 'none'})"
     if demo.status != "ok":
         return "; ".join(m for m in demo.messages if not m.endswith(": ok")) or f"model {wanted}: {demo.status}"
     return ""

@@ -54,10 +54,16 @@ def inpaintMethodsFor(modelMethod: str) -> list[str]:
     return [m for m, mm in MODEL_METHOD_FOR.items() if mm == modelMethod]
 
 
-def defaultModelFor(method: str) -> str:
-    from spine_ldm.registry import DEFAULT_MODEL_FOR_METHOD
+def defaultModelFor(method: str, condition: Optional[str] = None, registry: Optional[str] = None) -> str:
+    """The model the backend runs for ``method`` (and ``condition``: a registry can flag one default model per
+    pathology) when the panel says "default for this method"; "" when the registry has none."""
+    from spine_ldm import registry as reg
+    from spine_ldm.errors import SpineLDMError
 
-    return DEFAULT_MODEL_FOR_METHOD.get(method, "")
+    try:
+        return reg.default_model_id(method, condition, registry or None)
+    except SpineLDMError:
+        return ""
 
 
 def _cachedSha(path) -> Optional[str]:
