@@ -471,3 +471,18 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
     assert len({e.files["autoencoder"].sha256 for e in ids.values()}) == 1
     assert pipeline.default_model_for("repaint", "ccs_moderate", str(reg)) == "demo-small-full-ccs"
     assert pipeline.default_model_for("weighted", "dh_small", str(reg)) == "demo-small-weighted-dh"
+
+
+def test_ldm_lr_schedule_warmup_constant_then_cosine_decay():
+    """lr_factor_fn: linear warm-up, constant, cosine decay from lr_decay_start * steps to lr_final at the last step;
+    without lr_decay_start it stays constant; bad values are refused."""
+    from model_training.train_ldm import lr_factor_fn
+
+    f = lr_factor_fn({"steps": 1000, "warmup_steps": 10, "lr_decay_start": 0.6, "lr_final": 0.1})
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(599) == 1.0 and f(600) == 1.0
+    assert f(800) == pytest.approx(0.1 + 0.9 * 0.5) and f(1000) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(600, 1000))
+    g = lr_factor_fn({"steps": 1000, "warmup_steps": 0})
+    assert {g(s) for s in (0, 500, 999)} == {1.0}
+    with pytest.raises(InputError, match="lr_decay_start"):
+        lr_factor_fn({"steps": 10, "lr_decay_start": 1.5})

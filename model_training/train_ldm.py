@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -95,6 +96,29 @@ def compute_loss(unet, schedule, z0, level, cond, W, method, roi_threshold: floa
                              generator=generator, roi_threshold=roi_threshold, roi_loss_weight=roi_loss_weight,
                              snr_gamma=snr_gamma)
     return out.float()
+
+
+def lr_factor_fn(cfg: dict):
+    """LR multiplier per optimizer step: linear warm-up over ``warmup_steps``, then constant; with
+    ``lr_decay_start`` (a fraction of ``steps``, e.g. 0.7) a cosine decay from there to ``lr_final`` (a fraction of
+    ``lr``, default 0.1) at the last step. A pure function of the step, so a resumed run (also one resumed with more
+    ``steps``) follows the schedule of its final step count."""
+    warm = int(cfg.get("warmup_steps", 0) or 0)
+    steps = int(cfg["steps"])
+    start = cfg.get("lr_decay_start")
+    final = float(cfg.get("lr_final", 0.1))
+    if start is not None and not (0.0 <= float(start) < 1.0 and 0.0 <= final <= 1.0):
+        raise InputError(f"lr_decay_start must be in [0, 1) and lr_final in [0, 1], got {start}, {final}")
+    d0 = None if start is None else int(round(float(start) * steps))
+
+    def factor(s: int) -> float:
+        f = min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        if d0 is not None and s >= d0:
+            u = min(1.0, (s - d0) / max(1, steps - d0))
+            f *= final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * u))
+        return f
+
+    return factor
 
 
 def _w_channel(unet) -> bool:
@@ -183,8 +207,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     ema = C.EMA(unet, float(cfg.get("ema_decay", 0.999)))
     opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))),
                             weight_decay=float(cfg.get("weight_decay", 0.0)))
-    warm = int(cfg.get("warmup_steps", 0) or 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(cfg))
     autocast, scaler, amp_mode = C.amp_setup(dev, cfg.get("amp", "auto"))
 
     start = 0
