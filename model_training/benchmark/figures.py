@@ -83,12 +83,12 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                                 va="bottom")
     fig.suptitle(title, fontsize=8, y=0.995)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (size * n_rows + 0.7))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 
 
-SUMMARY_METRICS = (("cos", "cos (shape)"), ("r2", "R$^2$"), ("sharp", "sharpness"), ("geom_ratio", "geometry ratio"),
+SUMMARY_METRICS = (("cos", "cos (shape; black: ceiling)"), ("r2", "R$^2$"), ("sharp", "sharpness"), ("geom_ratio", "geometry ratio"),
                    ("present", "present rate"), ("c2st_auc", "C2ST AUC"))
 
 
@@ -121,12 +121,13 @@ def summary_chart(cells: dict, methods, conditions, path: Path, title: str) -> P
             if key in ("present", "c2st_auc", "geom_ratio", "sharp"):
                 ax.axhline(0.5 if key == "c2st_auc" else 1.0, color="grey", lw=0.6, ls=":")
             if key in ("present", "c2st_auc"):
-                ax.set_ylim(0, 1.05)
+                ax.set_ylim(0, 1.12)
             elif key == "cos":
-                ax.set_ylim(min(-0.1, np.nanmin(np.r_[mean, 0.0]) - 0.05), 1.0)
-            for xi, v in zip(x, mean):
+                ax.set_ylim(min(-0.1, np.nanmin(np.r_[mean, 0.0]) - 0.1), 1.05)
+            for xi, v, e in zip(x, mean, err.T):  # the value just beyond the interval's end
                 if math.isfinite(v):
-                    ax.annotate(f"{v:.2f}", (xi, v), xytext=(0, 2 if v >= 0 else -8), textcoords="offset points",
+                    end = v + e[1] if v >= 0 else v - e[0]
+                    ax.annotate(f"{v:.2f}", (xi, end), xytext=(0, 2 if v >= 0 else -8), textcoords="offset points",
                                 ha="center", fontsize=5.5)
             ax.axhline(0, color="black", lw=0.5)
             ax.set_xticks(x)

@@ -12,7 +12,7 @@ pathology is smoother than the phantom's) and intensity jitter, so blur alone do
 The bundled weights are the ``readers`` section of ``SpineInpaint/Resources/Models.json`` (sha256-checked).
 
 **Realism reader** (:func:`c2st`): a classifier two-sample test between true pathology crops P and generated crops
-G of the same cases: L2 logistic regression on the standardised crop voxels, grouped k-fold cross-validation (all
+G of the same cases: L2 logistic regression (scipy L-BFGS) on the standardised crop voxels, grouped k-fold cross-validation (all
 crops of a case in one fold), AUC of the out-of-fold scores with a case-bootstrap 95 % interval. 0.5 = the
 classifier cannot tell generated from real; 1 = always can.
 """
@@ -414,28 +414,25 @@ def train_reader(seeds, heldout_seeds, out, epochs: int = 15, spacing=None, jitt
 
 
 # --------------------------------------------------------------------------- realism reader (C2ST)
-def _logreg_scores(xtr, ytr, xte, l2: float = 1.0, iters: int = 100) -> np.ndarray:
-    """Class-balanced L2 logistic regression (LBFGS) on standardised features; decision scores of ``xte``."""
+def _logreg_scores(xtr, ytr, xte, l2: float = 1.0, iters: int = 200) -> np.ndarray:
+    """Class-balanced L2 logistic regression (scipy L-BFGS) on standardised features; decision scores of ``xte``."""
+    from scipy.optimize import minimize
+    from scipy.special import expit, log_expit
+
     mu, sd = xtr.mean(axis=0), xtr.std(axis=0) + 1e-6
-    a = torch.as_tensor((xtr - mu) / sd, dtype=torch.float64)
-    b = torch.as_tensor(ytr, dtype=torch.float64)
-    wpos = 0.5 / max(float(b.mean()), 1e-9)
-    wneg = 0.5 / max(1.0 - float(b.mean()), 1e-9)
-    sw = torch.where(b > 0.5, wpos, wneg) / len(b)
-    w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
-    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, c], max_iter=iters, line_search_fn="strong_wolfe")
+    a = (xtr - mu) / sd
+    b = np.asarray(ytr, np.float64)
+    sw = np.where(b > 0.5, 0.5 / max(b.mean(), 1e-9), 0.5 / max(1.0 - b.mean(), 1e-9)) / len(b)
 
-    def closure():
-        opt.zero_grad()
+    def f(wc):
+        w, c = wc[:-1], wc[-1]
         z = a @ w + c
-        loss = (sw * F.binary_cross_entropy_with_logits(z, b, reduction="none")).sum() + 0.5 * l2 * (w @ w) / len(b)
-        loss.backward()
-        return loss
+        loss = -(sw * (b * log_expit(z) + (1 - b) * log_expit(-z))).sum() + 0.5 * l2 * (w @ w) / len(b)
+        r = sw * (expit(z) - b)
+        return loss, np.r_[a.T @ r + l2 * w / len(b), r.sum()]
 
-    opt.step(closure)
-    with torch.no_grad():
-        return (torch.as_tensor((xte - mu) / sd, dtype=torch.float64) @ w + c).numpy()
+    wc = minimize(f, np.zeros(a.shape[1] + 1), jac=True, method="L-BFGS-B", options={"maxiter": iters}).x
+    return ((xte - mu) / sd) @ wc[:-1] + wc[-1]
 
 
 def c2st(real, fake, real_groups, fake_groups, folds: int = 5, seed: int = 0, n_boot: int = 1000,

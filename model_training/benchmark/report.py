@@ -22,7 +22,7 @@ METHOD_LABELS = {"weighted": "Weighted", "masked": "Masked", "repaint": "RePaint
 CSV_COLUMNS = ["seed", "level", "condition", "method", "sample", "sigma_mm", "paste_mode", "model_id", "cos", "r2",
                "sharp", "sharp_native", "geom_metric", "geom", "geom_truth", "geom_healthy", "geom_ratio",
                "cos_ceiling", "r2_ceiling", "sharp_ceiling", "geom_ceiling_ratio", "present_prob", "present",
-               "reader_class", "present_ceiling", "nfe", "seconds", "seconds_per_sample"]
+               "reader_class", "present_ceiling", "nfe", "seconds", "cpu_seconds", "seconds_per_sample"]
 MEAN_METRICS = ("cos", "r2", "sharp", "sharp_native", "geom_ratio", "cos_ceiling", "r2_ceiling", "sharp_ceiling",
                 "geom_ceiling_ratio", "present_prob", "present", "present_ceiling")
 
@@ -132,6 +132,7 @@ def aggregate(cases, methods, n_boot: int) -> dict:
         per = [rec["methods"][m] for rec, _ in cases if m in rec["methods"]]
         d["nfe"] = float(np.mean([x["nfe"] for x in per]))
         d["seconds"] = float(np.mean([x["seconds"] for x in per]))
+        d["cpu_seconds"] = float(np.mean([x.get("cpu_seconds", np.nan) for x in per]))
         d["geom_truth"] = float(np.nanmean([rec["geom_truth"] for rec, _ in cases]))
         d["geom"] = float(np.nanmean([r["geom"] for r in rows]))
         res[m] = d
@@ -175,8 +176,8 @@ def table1_md(summary_cells: dict, methods, conditions, sigma_label: str) -> str
     lines += ["", "Distribution, realism and diversity (FID/KID: Inception features of the central sagittal slices, "
                   "generated vs true crops; C2ST AUC 0.5 = indistinguishable; MS-SSIM among the K samples, lower = "
                   "more diverse):", "",
-              "| Condition | Method | FID | KID | C2ST AUC | MS-SSIM (2D slices) | MS-SSIM (3D) | nfe | s / call |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Condition | Method | FID | KID | C2ST AUC | MS-SSIM (2D slices) | MS-SSIM (3D) | nfe | s / call "
+              "(CPU s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in conditions:
         for m in methods:
             d = summary_cells.get(c, {}).get(m)
@@ -185,7 +186,8 @@ def table1_md(summary_cells: dict, methods, conditions, sigma_label: str) -> str
             auc = d["c2st_auc"]
             lines.append(f"| {CONDITION_LABELS.get(c, c)} | {METHOD_LABELS.get(m, m)} | {_ci(d['fid'], 1)} | "
                          f"{_ci(d['kid'], 3)} | {_ci({'mean': auc['auc'], 'lo': auc['lo'], 'hi': auc['hi']})} | "
-                         f"{_ci(d['ms_ssim_2d'])} | {_ci(d['ms_ssim_3d'])} | {d['nfe']:.0f} | {d['seconds']:.1f} |")
+                         f"{_ci(d['ms_ssim_2d'])} | {_ci(d['ms_ssim_3d'])} | {d['nfe']:.0f} | {d['seconds']:.1f} "
+                         f"({d['cpu_seconds']:.1f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,10 +262,12 @@ def build(out, settings: dict, fp: str, meta: dict, log=print) -> dict:
     for v in models.values():
         v["conditions"] = sorted(v["conditions"], key=CONDITIONS.index)
     case_seconds = [rec.get("case_seconds", 0.0) for rec, _ in cases]
+    case_cpu = [rec.get("case_cpu_seconds", 0.0) for rec, _ in cases]
     settings_out = {k: v for k, v in settings.items() if not k.startswith("_")}
     settings_out["seeds"] = format_seeds(settings["seeds"])
     summary = {"settings": settings_out, "meta": meta, "models": models, "n_cases": len(cases),
-               "case_seconds_total": round(float(np.sum(case_seconds)), 1), "sigma": per_sigma}
+               "case_seconds_total": round(float(np.sum(case_seconds)), 1),
+               "case_cpu_seconds_total": round(float(np.sum(case_cpu)), 1), "sigma": per_sigma}
     intro = (f"Phantom benchmark: seeds {settings_out['seeds']}, {len(cases)} cases, K = {settings['samples']}, "
              f"{settings['steps']} steps, RePaint resamplings {settings['repaint_resample']}. Models: " +
              ", ".join(f"`{k}` ({v['method']})" for k, v in models.items()) + ".\n\n")
