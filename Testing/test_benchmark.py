@@ -126,3 +126,20 @@ def test_training_seeds_are_refused(setup, tmp_path):
         args = build_parser().parse_args(_args(tmp_path, bad, reader))
         check_seeds(settings_from_args(args), None)
     assert main(_args(tmp_path / "o", bad, reader)) == 2  # the CLI reports it as an input error
+
+
+def test_a_registry_change_during_the_run_stops_it(setup, tmp_path):
+    """New weights landing mid-run would mix two models under one fingerprint: the next case refuses."""
+    from model_training.__main__ import build_parser
+    from model_training.benchmark import run as RN
+
+    d, reg, reader = setup
+    reg2 = tmp_path / "Models.json"
+    reg2.write_text(reg.read_text())
+    (tmp_path / "Models").symlink_to(d / "Models")
+    s = RN.settings_from_args(build_parser().parse_args(_args(tmp_path / "o", reg2, reader)))
+    ctx = RN.Context(s, tmp_path / "o", RN.fingerprint(s, RN._reader_sha(RN.Context(s, tmp_path, "").reader)))
+    RN._check_unchanged(ctx)
+    reg2.write_text(reg2.read_text() + " ")
+    with pytest.raises(InputError, match="changed while the benchmark ran"):
+        RN._check_unchanged(ctx)

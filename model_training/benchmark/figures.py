@@ -73,8 +73,9 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                 if ci == 0 and vi == 0:
                     ax.set_title(label, fontsize=7)
                 if j == 0:
-                    ax.text(-half + 1.5, half - 2, f"{rec['seed']} {rec['level']}\n{'sagittal' if view == 'sag' else 'axial'}",
-                            color="white", fontsize=5.5, va="bottom")
+                    what = "sagittal" if view == "sag" else "axial"
+                    ax.text(-half + 1.5, half - 2, f"{rec['seed']} {rec['level']}\n{what}", color="white",
+                            fontsize=5.5, va="bottom")
                 if vi == 0 and j >= 2:
                     m, k = key.rsplit("_", 1)
                     v = cos.get((m, int(k)))
@@ -88,14 +89,11 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
     return path
 
 
-SUMMARY_METRICS = (("cos", "cos (shape; black: ceiling)"), ("r2", "R$^2$"), ("sharp", "sharpness"), ("geom_ratio", "geometry ratio"),
-                   ("present", "present rate"), ("c2st_auc", "C2ST AUC"))
+SUMMARY_METRICS = (("cos", "cos (shape; black: ceiling)"), ("r2", "R$^2$"), ("sharp", "sharpness"),
+                   ("geom_ratio", "geometry ratio"), ("present", "present rate"), ("c2st_auc", "C2ST AUC"))
 
 
 def _val(d, key):
-    if key == "c2st_auc":
-        a = d.get("c2st_auc", {})
-        return a.get("auc", np.nan), a.get("lo", np.nan), a.get("hi", np.nan)
     v = d.get(key, {})
     return v.get("mean", np.nan), v.get("lo", np.nan), v.get("hi", np.nan)
 

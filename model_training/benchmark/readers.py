@@ -12,9 +12,9 @@ pathology is smoother than the phantom's) and intensity jitter, so blur alone do
 The bundled weights are the ``readers`` section of ``SpineInpaint/Resources/Models.json`` (sha256-checked).
 
 **Realism reader** (:func:`c2st`): a classifier two-sample test between true pathology crops P and generated crops
-G of the same cases: L2 logistic regression (scipy L-BFGS) on the standardised crop voxels, grouped k-fold cross-validation (all
-crops of a case in one fold), AUC of the out-of-fold scores with a case-bootstrap 95 % interval. 0.5 = the
-classifier cannot tell generated from real; 1 = always can.
+G of the same cases: L2 logistic regression (scipy L-BFGS) on the standardised crop voxels, grouped k-fold
+cross-validation (all crops of a case in one fold), AUC of the out-of-fold scores with a case-bootstrap 95 %
+interval. 0.5 = the classifier cannot tell generated from real; 1 = always can.
 """
 from __future__ import annotations
 

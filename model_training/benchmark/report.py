@@ -55,7 +55,7 @@ def _fmt(v, nd=2) -> str:
     return "-" if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:.{nd}f}"
 
 
-def _ci(d: dict, nd=2) -> str:
+def fmt_ci(d: dict, nd=2) -> str:
     if not d or not math.isfinite(d.get("mean", float("nan"))):
         return "-"
     if math.isfinite(d.get("lo", float("nan"))):
@@ -84,8 +84,9 @@ def _c2st(cases, method, n_boot) -> dict:
         fake.append(a[f"crop_G_{method}"])
         gf += [rec["key"]] * len(a[f"crop_G_{method}"])
     if not real:
-        return {"auc": float("nan"), "lo": float("nan"), "hi": float("nan")}
-    return c2st(np.concatenate(real), np.concatenate(fake), gr, gf, n_boot=n_boot)
+        return {"auc": float("nan"), "mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    res = c2st(np.concatenate(real), np.concatenate(fake), gr, gf, n_boot=n_boot)
+    return {**res, "mean": res["auc"]}  # the interval fields of every other metric
 
 
 def _fid_kid(cases, method, n_boot) -> dict:
@@ -159,35 +160,31 @@ def _sigma(rec) -> float:
     return float(rec["rows"][0]["sigma_mm"]) if rec["rows"] else float("nan")
 
 
+def _cells(summary_cells: dict, methods, conditions):
+    for c in conditions:
+        for m in methods:
+            d = summary_cells.get(c, {}).get(m)
+            if d:
+                yield f"| {CONDITION_LABELS.get(c, c)} | {METHOD_LABELS.get(m, m)} | ", d
+
+
 def table1_md(summary_cells: dict, methods, conditions, sigma_label: str) -> str:
     lines = [f"### {sigma_label}", "",
              "Shape against the paired truth (mean [95 % CI over cases]; ceiling = the truth's own autoencoder "
              "reconstruction pasted the same way):", "",
              "| Condition | Method | n (cases/outputs) | cos | cos ceiling | R^2 | sharp | geometry ratio | "
              "present rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in conditions:
-        for m in methods:
-            d = summary_cells.get(c, {}).get(m)
-            if not d:
-                continue
-            lines.append(f"| {CONDITION_LABELS.get(c, c)} | {METHOD_LABELS.get(m, m)} | {d['n_cases']}/{d['n_outputs']} "
-                         f"| {_ci(d['cos'])} | {_ci(d['cos_ceiling'])} | {_ci(d['r2'])} | {_ci(d['sharp'])} | "
-                         f"{_ci(d['geom_ratio'])} | {_ci(d['present'])} |")
+    lines += [f"{head}{d['n_cases']}/{d['n_outputs']} | {fmt_ci(d['cos'])} | {fmt_ci(d['cos_ceiling'])} | "
+              f"{fmt_ci(d['r2'])} | {fmt_ci(d['sharp'])} | {fmt_ci(d['geom_ratio'])} | {fmt_ci(d['present'])} |"
+              for head, d in _cells(summary_cells, methods, conditions)]
     lines += ["", "Distribution, realism and diversity (FID/KID: Inception features of the central sagittal slices, "
                   "generated vs true crops; C2ST AUC 0.5 = indistinguishable; MS-SSIM among the K samples, lower = "
                   "more diverse):", "",
               "| Condition | Method | FID | KID | C2ST AUC | MS-SSIM (2D slices) | MS-SSIM (3D) | nfe | s / call "
               "(CPU s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in conditions:
-        for m in methods:
-            d = summary_cells.get(c, {}).get(m)
-            if not d:
-                continue
-            auc = d["c2st_auc"]
-            lines.append(f"| {CONDITION_LABELS.get(c, c)} | {METHOD_LABELS.get(m, m)} | {_ci(d['fid'], 1)} | "
-                         f"{_ci(d['kid'], 3)} | {_ci({'mean': auc['auc'], 'lo': auc['lo'], 'hi': auc['hi']})} | "
-                         f"{_ci(d['ms_ssim_2d'])} | {_ci(d['ms_ssim_3d'])} | {d['nfe']:.0f} | {d['seconds']:.1f} "
-                         f"({d['cpu_seconds']:.1f}) |")
+    lines += [f"{head}{fmt_ci(d['fid'], 1)} | {fmt_ci(d['kid'], 3)} | {fmt_ci(d['c2st_auc'])} | "
+              f"{fmt_ci(d['ms_ssim_2d'])} | {fmt_ci(d['ms_ssim_3d'])} | {d['nfe']:.0f} | {d['seconds']:.1f} "
+              f"({d['cpu_seconds']:.1f}) |" for head, d in _cells(summary_cells, methods, conditions)]
     return "\n".join(lines) + "\n"
 
 
@@ -205,10 +202,7 @@ def table2_md(cells: dict, methods, sigma_label: str) -> str:
     for (lv, c), cell in sorted(cells.items(), key=lambda kv: (CONDITIONS.index(kv[0][1]), LEVELS.index(kv[0][0]))):
         row = [lv, CONDITION_LABELS.get(c, c), str(cell["n_cases"])]
         row += [pct(cell["methods"].get(m, {}).get("present_wilson")) for m in methods]
-        for m in methods:
-            a = cell["methods"].get(m, {}).get("c2st_auc", {})
-            row.append(_ci({"mean": a.get("auc", float("nan")), "lo": a.get("lo", float("nan")),
-                            "hi": a.get("hi", float("nan"))}))
+        row += [fmt_ci(cell["methods"].get(m, {}).get("c2st_auc")) for m in methods]
         row += [pct(cell["reader"]["present_truth"]), pct(cell["reader"]["present_healthy"])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

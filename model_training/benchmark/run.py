@@ -200,6 +200,10 @@ class Context:
         self._reader = self._features = None
 
     @property
+    def reader_sha(self) -> str | None:
+        return _reader_sha(self.reader)
+
+    @property
     def reader(self):
         if self._reader is None and self.s["reader"] != "none":
             from .readers import load_reader
@@ -452,7 +456,9 @@ def run_seed(settings, out: str, fp: str, seed: int) -> list[str]:
             if c2 != cond:
                 continue
             t, tc = time.time(), time.process_time()
+            _check_unchanged(ctx)
             rec, arrays = run_case(ctx, case, sg)
+            _check_unchanged(ctx)  # a case that may have run on new weights is not kept
             # wall time depends on what else runs on the machine; CPU time of this process does much less
             rec["case_seconds"] = round(time.time() - t, 2)
             rec["case_cpu_seconds"] = round(time.process_time() - tc, 2)
@@ -476,6 +482,12 @@ def run_seed(settings, out: str, fp: str, seed: int) -> list[str]:
 _CTX: dict = {}
 
 
+def _check_unchanged(ctx: Context) -> None:
+    if fingerprint(ctx.s, ctx.reader_sha) != ctx.fp:
+        raise InputError(f"the model registry {registry_file(ctx.s)} changed while the benchmark ran (new "
+                         f"weights?); run the command again (cases of the old weights are then recomputed)")
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -492,8 +504,7 @@ def run_benchmark(settings: dict, out, log=print, report_only: bool = False, arg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reader = None if settings["reader"] == "none" else load_reader(settings["reader"], settings["registry"])
-    reader_sha = (reader.entry.get("file") or {}).get("sha256") or reader.entry.get("sha256") if reader else None
-    fp = fingerprint(settings, reader_sha)
+    fp = fingerprint(settings, _reader_sha(reader))
     used = check_seeds(settings, reader.entry if reader else None, log)
     settings["figure_seeds"] = settings["seeds"][:max(0, settings["figure_cases"])]
     t0 = time.time()
@@ -523,12 +534,17 @@ def run_benchmark(settings: dict, out, log=print, report_only: bool = False, arg
     return report.build(out, settings, fp, meta, log=log)
 
 
+def _reader_sha(reader) -> str | None:
+    if reader is None:
+        return None
+    return (reader.entry.get("file") or {}).get("sha256") or reader.entry.get("sha256")
+
+
 def _reader_meta(reader) -> dict | None:
     if reader is None:
         return None
     e = reader.entry
-    return {"id": e.get("id"), "sha256": (e.get("file") or {}).get("sha256") or e.get("sha256"),
-            "heldout": (e.get("training") or {}).get("heldout")}
+    return {"id": e.get("id"), "sha256": _reader_sha(reader), "heldout": (e.get("training") or {}).get("heldout")}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -98,7 +98,8 @@ def check_disjoint(seeds: Iterable[int], used: Mapping[str, set[int] | None], wh
     for mid, tr in used.items():
         if tr and seeds & tr:
             both = sorted(seeds & tr)
-            clashes.append(f"{mid!r} ({len(both)} seed(s): {format_seeds(both[:20])}{' ...' if len(both) > 20 else ''})")
+            more = " ..." if len(both) > 20 else ""
+            clashes.append(f"{mid!r} ({len(both)} seed(s): {format_seeds(both[:20])}{more})")
     if clashes:
         raise InputError(f"{what} seeds overlap the phantom seeds these models/readers were trained on: "
                          f"{'; '.join(clashes)}; choose other seeds")

@@ -1,0 +1,160 @@
+"""Regenerate ``docs/results/``: the phantom benchmark (issue #12) of the registry's models, in both paste modes,
+plus a sigma sweep of the weighted method, and ``docs/results/README.md`` with the exact command, seeds, model ids,
+sha256s, runtimes and the headline numbers.
+
+Usage (the one documented command; resumable: re-running it continues unfinished cases, and after new weights land
+every case is recomputed because the registry file's bytes are part of each case's fingerprint)::
+
+    .venv/bin/python benchmarks/phantom_results.py                      # 20 seeds per condition, --jobs 2
+    .venv/bin/python benchmarks/phantom_results.py --seeds 1000-1003 --sweep-seeds 1000-1001   # a quick check
+
+Each benchmark run is ``python -m model_training benchmark-phantoms`` (see ``model_training/README.md``); this
+script only chooses the settings, runs it per paste mode and writes the README. Prints the summary table and
+writes ``docs/results/results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
+METHODS = ("weighted", "masked", "repaint")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def bench(out: Path, seeds: str, extra: list[str], jobs: int, dry: bool = False) -> tuple[list[str], float]:
+    cmd = [sys.executable, "-m", "model_training", "benchmark-phantoms", "--seeds", seeds, "--out", _rel(out),
+           "--jobs", str(jobs), *extra]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t = time.time()
+    if not dry:
+        subprocess.run(cmd, cwd=REPO, check=True)
+    return ["python", *cmd[1:]], time.time() - t
+
+
+def _cell(d, key, nd=2):
+    from model_training.benchmark.report import fmt_ci
+
+    return fmt_ci(d.get(key), nd)
+
+
+def headline(summary: dict) -> str:
+    sig = next(iter(summary["sigma"].values()))
+    rows = ["| Condition | Method | n cases | cos | cos ceiling | R^2 | sharp | geometry ratio | present | "
+            "C2ST AUC | FID | KID |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in CONDITIONS:
+        for m in METHODS:
+            d = sig["cells"].get(c, {}).get(m)
+            if not d:
+                continue
+            rows.append(f"| {c} | {m} | {d['n_cases']} | {_cell(d, 'cos')} | {_cell(d, 'cos_ceiling')} | "
+                        f"{_cell(d, 'r2')} | {_cell(d, 'sharp')} | {_cell(d, 'geom_ratio')} | "
+                        f"{_cell(d, 'present')} | {_cell(d, 'c2st_auc')} | {_cell(d, 'fid', 1)} | "
+                        f"{_cell(d, 'kid', 3)} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="1000-1019", help="benchmark seeds (default %(default)s: 20 per condition)")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--paste-modes", default="change,blend")
+    ap.add_argument("--sweep-seeds", default="1000-1005", help="seeds of the sigma sweep ('' = no sweep)")
+    ap.add_argument("--sweep", default="8,12,16,24,32")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "docs" / "results"))
+    ap.add_argument("--extra", default="", help="more benchmark-phantoms options, e.g. '--repaint-resample 10'")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="rewrite README.md from the runs recorded in results.json (no benchmark runs)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    extra = args.extra.split() if args.extra else []
+    if args.readme_only:
+        rec = json.loads((out / "results.json").read_text())
+        runs = rec["runs"]
+        summaries = {k: json.loads((out / v["folder"] / "summary.json").read_text()) for k, v in runs.items()}
+        write_readme(out, runs, summaries, rec.get("argv", []))
+        return 0
+    runs = {}
+    for mode in [m.strip() for m in args.paste_modes.split(",") if m.strip()]:
+        cmd, sec = bench(out / f"phantom_{mode}", args.seeds,
+                         ["--samples", str(args.samples), "--paste-mode", mode, *extra], args.jobs, args.dry_run)
+        runs[mode] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": f"phantom_{mode}"}
+    if args.sweep_seeds:
+        cmd, sec = bench(out / "sigma_sweep", args.sweep_seeds,
+                         ["--samples", "2", "--methods", "weighted", "--conditions", "dh_moderate_large,ccs_severe",
+                          "--sigma-sweep", args.sweep, "--figure-cases", "2", *extra], args.jobs, args.dry_run)
+        runs["sigma_sweep"] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": "sigma_sweep"}
+    if args.dry_run:
+        return 0
+    summaries = {k: json.loads((out / v["folder"] / "summary.json").read_text()) for k, v in runs.items()}
+    argv = list(argv if argv is not None else sys.argv[1:])
+    write_readme(out, runs, summaries, argv)
+    (out / "results.json").write_text(json.dumps({"argv": argv, "runs": runs, "models": {
+        k: s["models"] for k, s in summaries.items()}}, indent=2) + "\n")
+    for k, s in summaries.items():
+        if k != "sigma_sweep":
+            print(f"\n## paste mode {k}\n" + headline(s))
+    return 0
+
+
+def write_readme(out: Path, runs: dict, summaries: dict, argv) -> None:
+    first = next(iter(summaries.values()))
+    models = {}
+    for s in summaries.values():
+        models.update(s["models"])
+    reader = first["meta"].get("reader") or {}
+    lines = [
+        "# Phantom benchmark results (issue #12)", "",
+        "Generated by `benchmarks/phantom_results.py` (do not edit by hand). Regenerate with:", "",
+        "```bash", ".venv/bin/python benchmarks/phantom_results.py" + (" " + " ".join(argv) if argv else ""), "```",
+        "",
+        "What is measured (details: `model_training/README.md`, section *Phantom benchmark*): each seed's healthy "
+        "phantom is inpainted at its pathological twin's landmark, and every output is compared with the twin "
+        "(`cos`, `R^2` of the change, sharpness, a geometry rule), read by the pathology-present reader and the "
+        "C2ST realism reader, and FID / KID / MS-SSIM are computed per condition x method. `cos ceiling` is what a "
+        "perfect diffusion model could reach with the same autoencoder, grid and paste-back.", "",
+        "## Runs", ""]
+    for k, r in runs.items():
+        s = summaries[k]
+        lines.append(f"- **{k}** ([tables](./{r['folder']}/table1.md), [Table 2](./{r['folder']}/table2.md), "
+                     f"[figures](./{r['folder']}/figures/), [per output](./{r['folder']}/results.csv)): "
+                     f"`{' '.join(r['command'])}`; {s['n_cases']} cases, seeds {s['settings']['seeds']}; "
+                     f"{s['case_seconds_total'] / 60:.1f} min wall time summed over cases "
+                     f"({s.get('case_cpu_seconds_total', float('nan')) / 60:.1f} CPU min; "
+                     f"{s['meta'].get('cpu_count')} CPUs shared with other jobs).")
+    lines += ["", "## Models", "", "| id | method | autoencoder sha256 | unet sha256 |", "|---|---|---|---|"]
+    for mid, v in sorted(models.items()):
+        sh = v.get("weights_sha256") or {}
+        lines.append(f"| `{mid}` | {v['method']} | `{sh.get('autoencoder', '')}` | `{sh.get('unet', '')}` |")
+    lines += ["", f"Reader: `{reader.get('id')}` (sha256 `{reader.get('sha256')}`), held-out present accuracy "
+                  f"{(reader.get('heldout') or {}).get('present_accuracy', float('nan')):.3f}.", ""]
+    for k, s in summaries.items():
+        if k == "sigma_sweep":
+            continue
+        lines += [f"## Paste mode `{k}` (mean [95 % CI over cases])", "", headline(s), "",
+                  f"![summary](./{runs[k]['folder']}/figures/summary.png)", ""]
+        for c in CONDITIONS:
+            if (out / runs[k]["folder"] / "figures" / f"{c}.png").is_file():
+                lines.append(f"- [{c}](./{runs[k]['folder']}/figures/{c}.png)")
+        lines.append("")
+    if "sigma_sweep" in runs:
+        lines += ["## Sigma sweep (weighted)", "", f"![sigma sweep](./{runs['sigma_sweep']['folder']}/figures/"
+                                                    f"sigma_sweep.png)", ""]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
