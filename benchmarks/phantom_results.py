@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-seeds", default="1000-1005", help="seeds of the sigma sweep ('' = no sweep)")
     ap.add_argument("--sweep", default="8,12,16,24,32")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--figure-cases", type=int, default=3, help="case rows of the first paste mode's grids")
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
     ap.add_argument("--extra", default="", help="more benchmark-phantoms options, e.g. '--repaint-resample 10'")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -88,14 +89,16 @@ def main(argv=None) -> int:
         write_readme(out, runs, summaries, rec.get("argv", []))
         return 0
     runs = {}
-    for mode in [m.strip() for m in args.paste_modes.split(",") if m.strip()]:
+    for i, mode in enumerate(m.strip() for m in args.paste_modes.split(",") if m.strip()):
+        figs = ["--figure-cases", str(args.figure_cases if i == 0 else 0)]  # case grids for the first mode only
         cmd, sec = bench(out / f"phantom_{mode}", args.seeds,
-                         ["--samples", str(args.samples), "--paste-mode", mode, *extra], args.jobs, args.dry_run)
+                         ["--samples", str(args.samples), "--paste-mode", mode, *figs, *extra], args.jobs,
+                         args.dry_run)
         runs[mode] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": f"phantom_{mode}"}
     if args.sweep_seeds:
         cmd, sec = bench(out / "sigma_sweep", args.sweep_seeds,
                          ["--samples", "2", "--methods", "weighted", "--conditions", "dh_moderate_large,ccs_severe",
-                          "--sigma-sweep", args.sweep, "--figure-cases", "2", *extra], args.jobs, args.dry_run)
+                          "--sigma-sweep", args.sweep, "--figure-cases", "0", *extra], args.jobs, args.dry_run)
         runs["sigma_sweep"] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": "sigma_sweep"}
     if args.dry_run:
         return 0

@@ -33,6 +33,20 @@ def _plt():
     return plt
 
 
+def save(fig, path: Path, dpi: int) -> Path:
+    """PNG with an adaptive 256-colour palette (the grey images and the few overlay colours fit; ~1/3 the bytes of
+    RGBA: these figures go into the repository's docs)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    Image.open(buf).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(path, optimize=True)
+    _plt().close(fig)
+    return Path(path)
+
+
 def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | None:
     """The per-condition grid (see the module docstring) from the stored views of ``cases``."""
     from .run import VIEW_MM
@@ -84,9 +98,7 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                                 va="bottom")
     fig.suptitle(title, fontsize=8, y=0.995)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (size * n_rows + 0.7))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save(fig, path, 110)
 
 
 SUMMARY_METRICS = (("cos", "cos (shape; black: ceiling)"), ("r2", "R$^2$"), ("sharp", "sharpness"),
@@ -137,9 +149,7 @@ def summary_chart(cells: dict, methods, conditions, path: Path, title: str) -> P
                 ax.set_ylabel(CONDITION_LABELS.get(c, c), fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, 130)
 
 
 def sigma_plot(per_sigma: dict, methods, conditions, path: Path) -> Path:
@@ -171,9 +181,7 @@ def sigma_plot(per_sigma: dict, methods, conditions, path: Path) -> Path:
                 ax.set_xlabel("sigma (mm)", fontsize=7)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, 130)
 
 
 def render_all(out: Path, cases, settings: dict, summary: dict, log=print) -> list[Path]:
@@ -181,6 +189,8 @@ def render_all(out: Path, cases, settings: dict, summary: dict, log=print) -> li
 
     fdir = Path(out) / "figures"
     fdir.mkdir(parents=True, exist_ok=True)
+    for old in fdir.glob("*.png"):  # the folder is the report's: no stale figure of an earlier setting survives
+        old.unlink()
     paths = []
     sigmas = sorted(summary["sigma"], key=float)
     for sg in sigmas:

@@ -285,7 +285,7 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
             "space": "LPS", "landmark_lps": list(lm), "disc_center_lps": list(disc), "seed": case.seed,
             "level": case.level, "condition": case.condition, "truth": rec["truth_info"]}, indent=2) + "\n")
     recon_cache: dict = {}
-    for mi, method in enumerate(s["methods"]):
+    for method in s["methods"]:
         kw = {}
         if sigma is not None:
             kw["sigma_mm"] = float(sigma)
