@@ -104,8 +104,12 @@ def test_rerun_reuses_finished_cases(setup, run):
 def test_sigma_sweep_writes_rows_per_sigma_and_a_plot(setup):
     d, reg, reader = setup
     out = d / "sweep"
+    import torch
+
+    threads = torch.get_num_threads()
     assert main(_args(out, reg, reader, "--conditions", "ccs_moderate", "--methods", "weighted", "--samples", "1",
-                      "--sigma-sweep", "12,24", "--figure-cases", "0")) == 0
+                      "--sigma-sweep", "12,24", "--figure-cases", "0", "--threads", str(threads + 1))) == 0
+    assert torch.get_num_threads() == threads  # --jobs 1 runs in this process: its thread count is restored
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(float(r["sigma_mm"]) for r in rows) == [12.0, 24.0]
     assert (out / "figures" / "sigma_sweep.png").is_file()

@@ -291,8 +291,20 @@ def test_remote_client_round_trip(live_server, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- identity with CLI
-def test_server_result_identical_to_cli(make_client, tmp_path):
-    pytest.importorskip("torch")
+def test_server_result_identical_to_cli(make_client, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    # CPU float reductions depend on the thread count: pin both sides to one thread (a fresh CLI process and the
+    # pytest process, whose count earlier tests may have changed), so the comparison is about the code paths
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _server_vs_cli(make_client, tmp_path)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _server_vs_cli(make_client, tmp_path):
     sys.path.insert(0, str(REPO / "Testing"))
     helpers = pytest.importorskip("helpers_models")
     reg = helpers.make_registry(tmp_path / "models")

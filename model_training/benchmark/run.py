@@ -437,10 +437,14 @@ def case_done(out: Path, name: str, fp: str) -> bool:
 
 def run_seed(settings, out: str, fp: str, seed: int) -> list[str]:
     """Every (condition, sigma) case of one seed that is not done yet; returns the names written."""
-    import torch
+    from ..common import cpu_threads
 
-    if settings["threads"] > 0:
-        torch.set_num_threads(settings["threads"])
+    # the caller's thread count is restored: with --jobs 1 this runs in the caller's process (tests, notebooks)
+    with cpu_threads(settings["threads"]):
+        return _run_seed(settings, out, fp, seed)
+
+
+def _run_seed(settings, out: str, fp: str, seed: int) -> list[str]:
     ctx = _CTX.get((out, fp)) or Context(settings, Path(out), fp)
     _CTX[(out, fp)] = ctx
     level = CS.draw_level(seed, settings["levels"])
