@@ -362,3 +362,19 @@ def test_default_model_is_chosen_per_condition(case, registry, tmp_path):
     fsu, _ = pipeline.reconstruct(img, lm, "ccs_severe", disc_center_lps=disc, device="cpu", registry=reg2)
     with pytest.raises(ModelError, match="no default weighted model for condition 'none'"):
         pipeline.default_model_for("weighted", "none", reg2)
+
+
+def test_unflagged_default_is_the_first_model_of_the_method(registry, tmp_path):
+    """No entry flagged default: the first registered model of the method (no ids are hard-coded), and a registry
+    without such a model says which method is missing."""
+    def edit(models):
+        first = json.loads(json.dumps(models[0]))
+        first["id"] = "my-weighted"
+        models.insert(0, first)
+        models[:] = [m for m in models if m["method"] != "full"]
+
+    reg2 = _registry_with(tmp_path, registry, edit)
+    assert pipeline.default_model_for("weighted", "dh_small", reg2) == "my-weighted"
+    assert pipeline.default_model_for("masked", "dh_small", reg2) == "demo-small-masked"
+    with pytest.raises(ModelError, match=r"no full model in registry .*the repaint method needs one"):
+        pipeline.default_model_for("repaint", "dh_small", reg2)

@@ -262,8 +262,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
             timestep_spacing: str | None = None) -> InpaintResult:
     """Inpaint ``condition`` at ``landmark_lps`` (LPS mm) into ``image``; K = ``samples`` variants.
 
-    ``model``: registry id, model directory or zip; ``None`` = the demo model of ``method``
-    (weighted -> demo-small-weighted, masked -> demo-small-masked, repaint -> demo-small-full).
+    ``model``: registry id, model directory or zip; ``None`` = the registry's default model of ``method`` for
+    ``condition`` (:func:`registry.default_model_id`; bundled: one model per method and pathology family).
     ``progress(step, total)`` is called after each diffusion step; ``cancel()`` returning True raises
     :class:`CancelledError` at the next step. ``batch_size`` caps the batch (default: all K at once; halved on
     CUDA out-of-memory). ``edge_taper_mm`` ramps the paste-back weight to 0 at the FSU faces over that distance

@@ -50,12 +50,7 @@ from .errors import CancelledError, ModelError
 REGISTRY_VERSION = 1
 MODEL_METHODS = ("weighted", "masked", "full")
 REQUIRED_FILES = ("autoencoder", "unet")
-#: inpainting method -> (model method, default model id)
-DEFAULT_MODEL_FOR_METHOD = {
-    "weighted": "demo-small-weighted",
-    "masked": "demo-small-masked",
-    "repaint": "demo-small-full",
-}
+#: inpainting method -> the model method it needs
 MODEL_METHOD_FOR = {"weighted": "weighted", "masked": "masked", "repaint": "full"}
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -271,8 +266,8 @@ def default_model_id(method: str, condition: str | None = None,
 
     Entries flagged ``"default": true`` are candidates; the first one (main registry first, then the user registry)
     whose model method fits and whose ``training.conditions`` include ``condition`` wins, so a registry can hold one
-    model per pathology (Hansen et al. train the LDMs per pathology). Without a flagged entry:
-    :data:`DEFAULT_MODEL_FOR_METHOD`.
+    model per pathology (Hansen et al. train the LDMs per pathology). Without a flagged entry: the first registered
+    model of that method (no model ids are hard-coded).
     """
     if method not in MODEL_METHOD_FOR:
         raise ModelError(f"unknown method {method!r}; expected one of {', '.join(MODEL_METHOD_FOR)}")
@@ -286,7 +281,13 @@ def default_model_id(method: str, condition: str | None = None,
         raise ModelError(f"no default {method} model for condition {condition!r} in the registry (defaults: "
                          f"{', '.join(e.id + ' ' + str(training_info(e).get('conditions')) for e in flagged)}); "
                          f"pass a model id")
-    return DEFAULT_MODEL_FOR_METHOD[method]
+    entries = list_models(registry)
+    for e in entries:
+        if e.method == need:
+            return e.id
+    reg = registry if registry is not None else default_registry_path()
+    raise ModelError(f"no {need} model in registry {reg} (registered: {', '.join(e.id for e in entries) or 'none'}); "
+                     f"the {method} method needs one")
 
 
 def get_entry(model_id: str, registry: str | os.PathLike | None = None) -> ModelEntry:
