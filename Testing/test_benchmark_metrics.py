@@ -41,12 +41,13 @@ def test_bundled_models_record_their_training_seeds_and_overlap_is_refused():
 
     entries = reg.read_registry(reg.package_registry_path())
     used = {e.id: recorded_seeds(e) for e in entries}
-    assert all(v and len(v) == 60 for v in used.values()), used
-    train_seed = sorted(used["demo-small-weighted"])[5]
+    assert all(v and len(v) >= 60 for v in used.values()), used
+    first = entries[0].id
+    train_seed = sorted(used[first])[5]
     with pytest.raises(InputError) as e:
         check_disjoint([1000, train_seed], used)
     msg = str(e.value)
-    assert "demo-small-weighted" in msg and str(train_seed) in msg and "1000" not in msg.split("seed(s):")[1]
+    assert first in msg and str(train_seed) in msg and "1000" not in msg.split("seed(s):")[1]
     assert check_disjoint(range(1000, 1020), {**used, "unknown-model": None}) == ["unknown-model"]
 
 

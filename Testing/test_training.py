@@ -338,6 +338,23 @@ def test_export_writes_a_registry_entry_that_verifies(ldm_runs, tmp_path):
         check_entry("t-full", reg)
 
 
+def test_half_export_stores_float16_within_tolerance_and_refuses_beyond(ldm_runs, tmp_path, monkeypatch):
+    from model_training import export as X
+    from spine_ldm import registry as R
+
+    reg = tmp_path / "Models.json"
+    R.write_registry(reg, [])
+    X.export_run(ldm_runs["weighted"], "h-weighted", reg, autoencoder_name="h-ae", half=True)
+    sd = torch.load(tmp_path / "Models" / "h-weighted-unet.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    err = R.training_info(R.get_entry("h-weighted", reg))["float16_rel_rms"]
+    assert 0 < err < X.HALF_TOLERANCE  # float16 rounding is measurable, and small
+    assert X.half_precision_error(ldm_runs["weighted"] / "unet.pt", "h-weighted", reg) == pytest.approx(err, rel=1e-2)
+    monkeypatch.setattr(X, "HALF_TOLERANCE", err / 2)
+    with pytest.raises(ModelError, match="float16 U-Net's noise prediction differs from float32"):
+        X.export_run(ldm_runs["weighted"], "h-weighted", reg, autoencoder_name="h-ae", half=True)
+
+
 def test_export_refuses_an_autoencoder_run_and_unfinished_runs(ae_run, ldm_runs, tmp_path):
     from model_training.export import export_run
 
