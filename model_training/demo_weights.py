@@ -56,6 +56,9 @@ def add_arguments(p) -> None:
     p.add_argument("--autoencoder", help="reuse this autoencoder (.pt or train-autoencoder run) instead of training one")
     p.add_argument("--ae-steps", type=int, help="override ae_small steps")
     p.add_argument("--ldm-steps", type=int, help="override ldm_small steps (all LDMs)")
+    p.add_argument("--full-steps", type=int,
+                   help="steps of the full (RePaint baseline) LDMs (default: the other LDMs' steps); the bundled "
+                        "recipe uses 3000 to fit the 2-core budget")
     p.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an ldm_small key for every LDM (repeatable), e.g. model_config=small-w")
     p.add_argument("--methods", default="weighted,masked,full")
@@ -152,13 +155,18 @@ def main_demo(args) -> int:
         ldm_cfg["amp"] = "bf16"
         timings["ldm_amp"] = "bf16"
         log("[demo] LDMs train under CPU bfloat16 autocast (--cpu-bf16 off for fp32)")
+    full_steps = getattr(args, "full_steps", None)
+
+    def cfg_for(m):
+        return {**ldm_cfg, "steps": int(full_steps)} if m == "full" and full_steps else ldm_cfg
+
     todo = []
     for m in methods:  # method-major: the weighted models (the paper's method) finish first
         for fam in families:
             run = work / "runs" / f"{m}-{fam}"
             info = C.read_run_info(run) if (run / "run.json").is_file() else {}
             if (run / "unet.pt").is_file() and info.get("status") == "complete" and \
-                    int(info.get("steps_done", 0)) >= int(ldm_cfg["steps"]):
+                    int(info.get("steps_done", 0)) >= int(cfg_for(m)["steps"]):
                 continue
             todo.append((m, fam, run))
     jobs = max(1, min(int(getattr(args, "jobs", 1) or 1), len(todo)))
@@ -166,7 +174,7 @@ def main_demo(args) -> int:
     t = time.time()
     if jobs == 1:
         for m, fam, run in todo:
-            timings[f"{m}-{fam}_s"] = _train_ldm_job(ldm_cfg, m, FAMILIES[fam], str(run), *job_args)
+            timings[f"{m}-{fam}_s"] = _train_ldm_job(cfg_for(m), m, FAMILIES[fam], str(run), *job_args)
     elif todo:
         # one process per LDM (1 torch thread each): on a small CPU this beats one process with N threads
         import concurrent.futures as cf
@@ -174,7 +182,7 @@ def main_demo(args) -> int:
 
         log(f"[demo] training {', '.join(f'{m}-{f}' for m, f, _ in todo)} in {jobs} parallel processes")
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_train_ldm_job, {**ldm_cfg, "threads": 1}, m, FAMILIES[fam], str(run), *job_args):
+            futs = {pool.submit(_train_ldm_job, {**cfg_for(m), "threads": 1}, m, FAMILIES[fam], str(run), *job_args):
                     f"{m}-{fam}" for m, fam, run in todo}
             for f in cf.as_completed(futs):
                 timings[f"{futs[f]}_s"] = f.result()
