@@ -1,71 +1,120 @@
-"""The bundled demo weights (SpineInpaint/Resources/Models.json, ``demo-small-*``) do what the README says.
+"""The bundled demo weights (SpineInpaint/Resources/Models.json, ``demo-small-*``) do what README and docs/results say.
 
-They are trained on phantoms (``python -m model_training make-demo-weights``); these tests pin their behaviour on a
-healthy phantom the weights never saw (seed 0 is not a training study): every registered file verifies, and the
-weighted / masked models paint the pathology at the landmark: the mean intensity in a 8 x 8 mm patch at the landmark
-of the sagittal slice drops (a herniation puts dark disc material into the bright CSF; a stenosis narrows the bright
-thecal sac). The weighted model also grades the condition at one landmark: a small herniation darkens least, a
-severe stenosis most, and the stenosis also darkens the canal behind the landmark (ligamentum flavum / facets)
-more than a herniation does. Geometry and the bit-identical far field are tested in test_pipeline.py. Not pinned
-because the weights do not do it on this phantom (see model_training/README.md, section 5): masked herniation at
-the L4-L5 disc margin, and RePaint (its change at the landmark is small).
+They are trained on phantoms (``python -m model_training make-demo-weights``: one LDM per method and pathology
+family); these tests pin the phantom benchmark's own figures (``model_training.benchmark``, issue #12) on a few
+held-out seeds of its default range (1000-1019; the training phantom seeds are 31-bit hashes, and the benchmark
+refuses overlap), with margins below what the committed weights reach (the measured value is in each case's
+comment): the cosine of the generated vs the true change within 25 mm of the landmark, the automatic
+pathology-present reader, and the per-pathology defaults of the registry. The full tables (20 seeds per condition,
+intervals) are in docs/results/. Geometry and the bit-identical far field are tested in test_pipeline.py.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 
 from spine_ldm import pipeline, registry
-from spine_ldm.demo import METHODS, _phantom_case, landmark_patch_change
 
-DEMO_IDS = ("demo-small-weighted", "demo-small-masked", "demo-small-full")
+FAMILIES = {"dh": ("dh_small", "dh_moderate_large"), "ccs": ("ccs_moderate", "ccs_severe")}
+MODEL_METHOD = {"weighted": "weighted", "masked": "masked", "repaint": "full"}
 
 
 def _bundled() -> str:
     return str(registry.package_registry_path())
 
 
-def test_bundled_registry_has_the_demo_models_and_they_verify():
-    ids = {e.id: e for e in registry.list_models(_bundled())}
-    assert set(DEMO_IDS) <= set(ids)
-    for i in DEMO_IDS:
-        assert ids[i].config == "small"
+def _ids() -> dict:
+    return {(m, f): f"demo-small-{mm}-{f}" for m, mm in MODEL_METHOD.items() for f in FAMILIES}
+
+
+def test_bundled_registry_has_one_model_per_method_and_pathology_and_they_verify():
+    entries = {e.id: e for e in registry.list_models(_bundled())}
+    ids = _ids()
+    assert set(ids.values()) <= set(entries)
+    for (method, fam), i in ids.items():
+        e = entries[i]
+        assert e.config == "small" and e.method == MODEL_METHOD[method] and e.extra.get("default") is True
+        info = registry.training_info(e)
+        assert info["conditions"] == list(FAMILIES[fam]) and info["sigma_mm"] == 16.0
+        assert info["phantom_seeds"] == {"import_phantoms": {"seed": 0, "n_studies": 1000}}
         for name, st in registry.verify(i, _bundled()).items():
             assert st.status == "ok", (i, name, st.message())
-    assert {ids[i].files["autoencoder"].sha256 for i in DEMO_IDS} == {ids[DEMO_IDS[0]].files["autoencoder"].sha256}
+        sd = torch.load(e.files["unet"].local_path(), map_location="cpu", weights_only=True)
+        assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())  # stored compactly
+    assert len({entries[i].files["autoencoder"].sha256 for i in ids.values()}) == 1
+
+
+@pytest.mark.parametrize("method", list(MODEL_METHOD))
+def test_the_default_model_is_the_pathologys_own(method):
+    for fam, conds in FAMILIES.items():
+        for c in conds:
+            assert pipeline.default_model_for(method, c, _bundled()) == _ids()[(method, fam)]
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return _phantom_case(seed=0)
+def reader():
+    from model_training.benchmark.readers import load_reader
+
+    return load_reader(registry=_bundled())
 
 
-@pytest.mark.parametrize("method,level,condition,kind,limit", [
-    ("weighted", "L4-L5", "dh_moderate_large", "dh", -0.10),
-    ("weighted", "L3-L4", "ccs_severe", "ccs", -0.10),
-    ("masked", "L3-L4", "ccs_severe", "ccs", -0.10),
-])
-def test_demo_weights_paint_the_pathology_at_the_landmark(phantom, method, level, condition, kind, limit):
-    assert method in METHODS
-    image, discs, lms = phantom
-    lm = lms[(level, kind)]
-    res = pipeline.inpaint(image, lm, level, condition, method=method, samples=1, seed=0, steps=50, device="cpu",
-                           disc_center_lps=discs[level], registry=_bundled())
-    out = res.outputs[0]
-    change = landmark_patch_change(out, image, lm)
-    assert change < limit, f"{method} {condition}: landmark patch change {change:+.3f} (want < {limit})"
+def _score(case, method, reader):
+    """(cos, r2, present probability) of one sample (seed 0) exactly as benchmark-phantoms measures them."""
+    from model_training.benchmark import metrics as M
+    from model_training.benchmark.readers import crop, crop_normalization
+
+    h, p = case.healthy.image, case.truth.image
+    res = pipeline.inpaint(h, case.landmark, case.level, case.condition, method=method, samples=1, seed=0,
+                           steps=50, device="cpu", disc_center_lps=case.disc_center, registry=_bundled(),
+                           repaint_resample=5)
+    g = res.outputs[0]
+    nb = M.Neighbourhood(h, case.landmark, M.COS_RADIUS_MM)
+    cos, r2 = M.cos_r2(nb.array(g), nb.array(h), nb.array(p), nb.ball(M.COS_RADIUS_MM))
+    norm = crop_normalization(h, case.disc_center)
+    present = float(reader.present_prob(crop(g, case.landmark, norm)[None], case.condition)[0])
+    return cos, r2, present
 
 
-def test_weighted_demo_model_grades_the_condition_at_one_landmark(phantom):
-    image, discs, lms = phantom
-    lm = lms[("L4-L5", "dh")]
-    behind = tuple(np.asarray(lm) + np.array([0.0, 12.0, 0.0]))   # 12 mm posterior (LPS: +y)
-    at, post = {}, {}
-    for cond in ("dh_small", "dh_moderate_large", "ccs_severe"):
-        res = pipeline.inpaint(image, lm, "L4-L5", cond, method="weighted", samples=1, seed=0, steps=50,
-                               device="cpu", disc_center_lps=discs["L4-L5"], registry=_bundled())
-        at[cond] = landmark_patch_change(res.outputs[0], image, lm)
-        post[cond] = landmark_patch_change(res.outputs[0], image, behind)
-    assert at["dh_small"] > at["dh_moderate_large"] + 0.05, at
-    assert at["ccs_severe"] < at["dh_moderate_large"] - 0.05, at
-    assert post["ccs_severe"] < post["dh_moderate_large"] - 0.05, post
+# (seed, condition, method, minimum cos); the level is the benchmark's draw for the seed. Measured values in the
+# comments (the committed float16 weights, a 2-core x86 CPU; margins cover other CPUs' float rounding).
+PINS = [
+    (1000, "dh_moderate_large", "weighted", 0.50),   # measured 0.657 (L4-L5)
+    (1001, "dh_moderate_large", "weighted", 0.50),   # measured 0.646 (L3-L4)
+    (1000, "ccs_severe", "weighted", 0.75),          # measured 0.893
+    (1001, "ccs_moderate", "weighted", 0.60),        # measured 0.754
+    (1000, "ccs_severe", "masked", 0.60),            # measured 0.766
+]
+
+
+@pytest.mark.parametrize("seed,condition,method,min_cos", PINS)
+def test_bundled_models_paint_the_true_pathology_on_held_out_phantoms(seed, condition, method, min_cos, reader):
+    from model_training.benchmark.cases import DEFAULT_LEVELS, draw_level, make_case
+
+    case = make_case(seed, draw_level(seed, DEFAULT_LEVELS), condition)
+    cos, r2, present = _score(case, method, reader)
+    assert cos >= min_cos, f"{method} {condition} seed {seed} ({case.level}): cos {cos:.3f} < {min_cos}"
+    assert present > 0.5, f"{method} {condition} seed {seed}: the present reader says {present:.2f}"
+    assert np.isfinite(r2)
+
+
+def test_the_weighted_model_grades_the_herniation_severity():
+    """Same healthy phantom and landmark: a small herniation changes less tissue than a moderate/large one (the
+    severity conditioning works), as the true twins do."""
+    from model_training.benchmark import metrics as M
+    from model_training.benchmark.cases import DEFAULT_LEVELS, draw_level, make_case
+
+    level = draw_level(1000, DEFAULT_LEVELS)
+    energy, truth = {}, {}
+    for cond in ("dh_small", "dh_moderate_large"):
+        case = make_case(1000, level, cond)
+        h = case.healthy.image
+        nb = M.Neighbourhood(h, case.landmark, M.COS_RADIUS_MM)
+        ball = nb.ball(M.COS_RADIUS_MM)
+        g = pipeline.inpaint(h, case.landmark, level, cond, samples=1, seed=0, steps=50, device="cpu",
+                             disc_center_lps=case.disc_center, registry=_bundled()).outputs[0]
+        energy[cond] = float(np.abs(nb.array(g) - nb.array(h))[ball].sum())
+        truth[cond] = float(np.abs(nb.array(case.truth.image) - nb.array(h))[ball].sum())
+    assert truth["dh_small"] < truth["dh_moderate_large"]
+    assert energy["dh_small"] < 0.8 * energy["dh_moderate_large"], energy
