@@ -181,7 +181,7 @@ def test_demo_without_registered_weights_is_a_model_error(tmp_path, capsys, monk
     empty.write_text('{"version": 1, "models": []}')
     rc, so, se = _main(["demo", "--registry", str(empty), "--out", str(tmp_path / "demo"), "--progress", "none"],
                        capsys)
-    assert rc == 3 and "demo weights are not registered" in se
+    assert rc == 3 and "demo weights are not registered" in se and "a weighted model for dh_moderate_large" in se
 
 
 def test_phantom_command_writes_case(tmp_path, capsys):

@@ -549,7 +549,9 @@ def test_default_model_follows_method_and_condition(tmp_path):
     assert models.defaultModelFor("weighted", "ccs_severe", str(reg)) == "stenosis-weighted"
     assert models.defaultModelFor("weighted", "dh_moderate_large", str(reg)) == "hernia-weighted"
     assert models.defaultModelFor("weighted", "none", str(reg)) == ""  # none flagged for it: the panel says so
-    assert models.defaultModelFor("masked", "ccs_severe", str(reg)) == "demo-small-masked"  # no flagged entry
+    assert models.defaultModelFor("masked", "ccs_severe", str(reg)) == ""  # no masked model registered at all
+    reg.write_text(json.dumps({"version": 1, "models": [entry("plain-weighted", ["dh_small"], default=False)]}))
+    assert models.defaultModelFor("weighted", "ccs_severe", str(reg)) == "plain-weighted"  # none flagged: the first
 
 
 def test_models_from_remote_answer():

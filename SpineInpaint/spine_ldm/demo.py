@@ -45,11 +45,17 @@ def check_demo_weights(registry=None) -> None:
     files verify; else a ModelError that says how to get them."""
     from . import registry as reg
 
-    ids = list(dict.fromkeys(reg.default_model_id(m, condition, registry) for _, _, condition in CASES
-                             for m in METHODS))
-    known = {e.id for e in reg.list_models(registry)}
-    missing = [i for i in ids if i not in known]
     where = registry or reg.default_registry_path()
+    ids, missing = [], []
+    for _, _, condition in CASES:
+        for m in METHODS:
+            try:
+                ids.append(reg.default_model_id(m, condition, registry))
+            except ModelError:
+                missing.append(f"a {m} model for {condition}")
+    ids = list(dict.fromkeys(ids))
+    known = {e.id for e in reg.list_models(registry)}
+    missing = list(dict.fromkeys(missing + [i for i in ids if i not in known]))
     if missing:
         raise ModelError(f"demo weights are not registered in {where}: missing {', '.join(missing)} "
                          f"(train them with model_training, or pass --registry FILE)")
