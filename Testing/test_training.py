@@ -349,10 +349,15 @@ def test_half_export_stores_float16_within_tolerance_and_refuses_beyond(ldm_runs
     assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     err = R.training_info(R.get_entry("h-weighted", reg))["float16_rel_rms"]
     assert 0 < err < X.HALF_TOLERANCE  # float16 rounding is measurable, and small
-    assert X.half_precision_error(ldm_runs["weighted"] / "unet.pt", "h-weighted", reg) == pytest.approx(err, rel=1e-2)
+    fp32 = torch.load(ldm_runs["weighted"] / "unet.pt", weights_only=True)
+    info = json.loads((ldm_runs["weighted"] / "run.json").read_text())
+    assert X.half_precision_error(fp32, sd, info["model_config"]) == pytest.approx(err, rel=1e-2)
+    assert X.half_precision_error(fp32, fp32, info["model_config"]) == 0.0
     monkeypatch.setattr(X, "HALF_TOLERANCE", err / 2)
     with pytest.raises(ModelError, match="float16 U-Net's noise prediction differs from float32"):
-        X.export_run(ldm_runs["weighted"], "h-weighted", reg, autoencoder_name="h-ae", half=True)
+        X.export_run(ldm_runs["weighted"], "h-other", reg, autoencoder_name="h-ae", half=True)
+    assert [e.id for e in R.read_registry(reg)] == ["h-weighted"]  # refused before anything was registered
+    assert not (tmp_path / "Models" / "h-other-unet.pt").exists()
 
 
 def test_export_refuses_an_autoencoder_run_and_unfinished_runs(ae_run, ldm_runs, tmp_path):

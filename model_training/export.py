@@ -15,7 +15,6 @@ checks it the way ``spine-ldm models verify`` does (sha256 of every file) and by
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -77,7 +76,14 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
     if C.file_sha256(ae_src) != info.get("autoencoder_sha256"):
         raise ModelError(f"autoencoder {ae_src} changed since {run} was trained (sha256 differs); retrain or "
                          f"restore it")
-    unet_sd = _clean_state_dict(torch.load(unet_src, map_location="cpu", weights_only=True), half=half)
+    unet_fp32 = torch.load(unet_src, map_location="cpu", weights_only=True)
+    unet_sd = _clean_state_dict(unet_fp32, half=half)
+    half_err = None
+    if half:  # checked before anything is written: a model out of tolerance is never registered
+        half_err = half_precision_error(unet_fp32, unet_sd, info["model_config"])
+        if half_err > HALF_TOLERANCE:
+            raise ModelError(f"{model_id}: the float16 U-Net's noise prediction differs from float32 by "
+                             f"{half_err:.2e} (relative RMS; tolerance {HALF_TOLERANCE:g}); export without --half")
     ae_sd = _clean_state_dict(torch.load(ae_src, map_location="cpu", weights_only=True))
     unet_dst = wdir / f"{model_id}-unet.pt"
     ae_dst = wdir / f"{autoencoder_name or model_id + '-autoencoder'}.pt"
@@ -93,6 +99,8 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
                         "conditions": info.get("conditions"), "sigma_mm": tc.get("sigma_mm"),
                         "roi_threshold": tc.get("roi_threshold"), "dataset_size": info.get("dataset_size"),
                         **(training_extra or {})}}
+    if half_err is not None:
+        ext["training"]["float16_rel_rms"] = float(f"{half_err:.3g}")
     ext.update(extra or {})
     entry = R.ModelEntry(id=model_id, method=info["method"], config=cfg_ref, files=files,
                          description=description or f"{info['method']} LDM ({info['model_config'].get('name')}) "
@@ -105,13 +113,6 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
         entries.append(entry)
     R.write_registry(reg, entries)
     check_entry(model_id, reg)
-    if half:
-        err = half_precision_error(unet_src, model_id, reg)
-        if err > HALF_TOLERANCE:
-            raise ModelError(f"{model_id}: the float16 U-Net's noise prediction differs from float32 by {err:.2e} "
-                             f"(relative RMS; tolerance {HALF_TOLERANCE:g}); export without --half")
-        entry.extra["training"]["float16_rel_rms"] = float(f"{err:.3g}")  # recorded with the entry
-        R.write_registry(reg, [entry if e.id == model_id else e for e in R.read_registry(reg)])
     return next(e for e in R.read_registry(reg) if e.id == model_id).to_json(relative_to=reg.parent.resolve())
 
 
@@ -119,25 +120,27 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
 HALF_TOLERANCE = 1e-2
 
 
-def half_precision_error(unet_fp32: Path, model_id: str, registry) -> float:
-    """Relative RMS difference between the noise predictions of the exported (float16-stored) U-Net and its
-    float32 source, on seeded random latents at timesteps 999 / 500 / 50 for every condition and level (both run in
-    float32: only the stored precision differs)."""
-    from spine_ldm import registry as R
+def half_precision_error(fp32_sd: dict, half_sd: dict, model_config: dict) -> float:
+    """Relative RMS difference between the noise predictions of the U-Net with its float16-stored weights and with
+    the float32 ones, on seeded random latents at timesteps 999 / 500 / 50 for every condition and level (both run
+    in float32: only the stored precision differs)."""
     from spine_ldm.conditions import CONDITIONS, LEVELS
+    from spine_ldm.models.config import config_from_dict
+    from spine_ldm.models.unet import build_unet
 
-    loaded = R.load(model_id, device="cpu", registry=registry)
-    ref = copy.deepcopy(loaded.unet)
-    ref.load_state_dict(torch.load(unet_fp32, map_location="cpu", weights_only=True))
+    cfg = config_from_dict(model_config)
+    ref, low = build_unet(cfg).eval(), build_unet(cfg).eval()
+    ref.load_state_dict(fp32_sd)
+    low.load_state_dict(half_sd)  # cast back to the module's float32
     g = torch.Generator().manual_seed(0)
     n = len(CONDITIONS) * len(LEVELS)
-    x = torch.randn((n, *loaded.cfg.latent_shape), generator=g)
+    x = torch.randn((n, *cfg.latent_shape), generator=g)
     t = torch.tensor([999, 500, 50] * n)[:n]
     lvl = torch.arange(n) % len(LEVELS)
     cnd = torch.arange(n) // len(LEVELS)
-    w = torch.ones((n, 1, *loaded.cfg.latent_shape[1:]))
+    w = torch.ones((n, 1, *cfg.latent_shape[1:]))
     with torch.no_grad():
-        a, b = loaded.unet(x, t, lvl, cnd, w=w), ref(x, t, lvl, cnd, w=w)
+        a, b = low(x, t, lvl, cnd, w=w), ref(x, t, lvl, cnd, w=w)
     return float(torch.sqrt(((a - b) ** 2).mean()) / torch.sqrt((b ** 2).mean()).clamp_min(1e-12))
 
 

@@ -272,7 +272,8 @@ def default_model_id(method: str, condition: str | None = None,
     if method not in MODEL_METHOD_FOR:
         raise ModelError(f"unknown method {method!r}; expected one of {', '.join(MODEL_METHOD_FOR)}")
     need = MODEL_METHOD_FOR[method]
-    flagged = [e for e in list_models(registry) if e.extra.get("default") is True and e.method == need]
+    entries = list_models(registry)
+    flagged = [e for e in entries if e.extra.get("default") is True and e.method == need]
     for e in flagged:
         conds = training_info(e).get("conditions")
         if condition is None or not conds or condition in conds:
@@ -281,7 +282,6 @@ def default_model_id(method: str, condition: str | None = None,
         raise ModelError(f"no default {method} model for condition {condition!r} in the registry (defaults: "
                          f"{', '.join(e.id + ' ' + str(training_info(e).get('conditions')) for e in flagged)}); "
                          f"pass a model id")
-    entries = list_models(registry)
     for e in entries:
         if e.method == need:
             return e.id

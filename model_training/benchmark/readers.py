@@ -491,15 +491,15 @@ def add_arguments(p) -> None:
 
 
 def main_train_reader(args) -> int:
-    from .seeds import parse_seeds
-
     from ..common import cpu_threads
 
     with cpu_threads(args.threads):  # restored: tests call this in their own process
-        return _main_train_reader(args, parse_seeds)
+        return _main_train_reader(args)
 
 
-def _main_train_reader(args, parse_seeds) -> int:
+def _main_train_reader(args) -> int:
+    from .seeds import parse_seeds
+
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     exclude = parse_seeds(args.exclude_seeds) if args.exclude_seeds else None
     report = train_reader(parse_seeds(args.seeds), parse_seeds(args.heldout_seeds), args.out, epochs=args.epochs,
