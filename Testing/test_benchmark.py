@@ -64,13 +64,14 @@ def test_files_and_columns(run):
     nfe = {r["method"]: int(r["nfe"]) for r in rows}
     assert nfe["weighted"] == nfe["masked"] == 3  # PLMS: steps + 1 (warm-up)
     s = json.loads((out / "summary.json").read_text())
-    cell = s["sigma"]["16"]["cells"]["dh_moderate_large"]["weighted"]
-    for k in ("cos", "r2", "sharp", "present", "ms_ssim_2d", "ms_ssim_3d", "fid", "kid", "c2st_auc"):
+    cell = s["sigma"]["model"]["cells"]["dh_moderate_large"]["weighted"]
+    for k in ("cos", "r2", "sharp", "present", "ms_ssim_2d", "ms_ssim_3d", "fid", "kid", "c2st_auc",
+              "c2st_auc_ceiling"):
         assert k in cell, k
-    assert cell["n_outputs"] == 2 and cell["n_cases"] == 1
+    assert cell["n_outputs"] == 2 and cell["n_cases"] == 1 and cell["sigma_mm"] == [16.0]
     assert set(s["models"]) == {"demo-small-weighted", "demo-small-masked", "demo-small-full"}
     t1 = (out / "table1.md").read_text()
-    assert "DH-mod/large" in t1 and "Weighted" in t1 and "C2ST AUC" in t1
+    assert "DH-mod/large" in t1 and "Weighted" in t1 and "C2ST AUC" in t1 and "C2ST ceiling" in t1
     assert "L4-L5" in (out / "table2.md").read_text()
 
 
@@ -147,3 +148,37 @@ def test_a_registry_change_during_the_run_stops_it(setup, tmp_path):
     reg2.write_text(reg2.read_text() + " ")
     with pytest.raises(InputError, match="changed while the benchmark ran"):
         RN._check_unchanged(ctx)
+
+
+def test_new_weights_for_one_pathology_recompute_only_its_cases(setup, tmp_path):
+    """A case's fingerprint holds the registry entries of the models its condition uses: registering new DH weights
+    changes the DH fingerprints and keeps the CCS ones (their stored cases stay valid); other settings still count."""
+    from model_training.__main__ import build_parser
+    from model_training.benchmark import run as RN
+
+    d, reg, reader = setup
+    reg2 = tmp_path / "Models.json"
+    data = json.loads(reg.read_text())
+    reg2.write_text(json.dumps(data))
+    (tmp_path / "Models").symlink_to(d / "Models")
+    s = RN.settings_from_args(build_parser().parse_args(_args(tmp_path / "o", reg2, reader)))
+    rsha = RN._reader_sha(RN.Context(s, tmp_path, "").reader)
+    before = {c: RN.fingerprint(s, rsha, c) for c in ("dh_small", "dh_moderate_large", "ccs_severe")}
+    assert before["dh_small"] == before["ccs_severe"]  # one model per method serves every condition here
+    weighted = next(m for m in data["models"] if m["method"] == "weighted")
+    dh = {**json.loads(json.dumps(weighted)), "id": "weighted-dh-new", "default": True}
+    dh.setdefault("training", {})["conditions"] = ["dh_small", "dh_moderate_large"]
+    dh["files"]["unet"]["sha256"] = "0" * 64  # other weights (not loaded here: only the entry is read)
+    data["models"].append(dh)
+    weighted["default"] = True
+    weighted.setdefault("training", {})["conditions"] = ["ccs_moderate", "ccs_severe"]
+    reg2.write_text(json.dumps(data))
+    after = {c: RN.fingerprint(s, rsha, c) for c in before}
+    assert after["ccs_severe"] != before["ccs_severe"]  # its entry gained the default flag and conditions
+    data["models"][-1]["files"]["unet"]["sha256"] = "1" * 64
+    reg2.write_text(json.dumps(data))
+    again = {c: RN.fingerprint(s, rsha, c) for c in before}
+    assert again["ccs_severe"] == after["ccs_severe"]
+    assert again["dh_small"] != after["dh_small"] and again["dh_moderate_large"] != after["dh_moderate_large"]
+    assert RN.fingerprint({**s, "samples": s["samples"] + 1}, rsha, "ccs_severe") != again["ccs_severe"]
+    assert RN.fingerprint(s, None, "ccs_severe") != again["ccs_severe"]  # the reader counts too

@@ -100,3 +100,21 @@ def test_c2st_is_near_chance_for_one_distribution_and_near_one_for_a_shift():
     shifted = R.c2st(real, fake + 0.5, groups_r, groups_f, n_boot=200)
     assert shifted["auc"] > 0.9 and shifted["lo"] > 0.7
     assert np.isnan(R.c2st(real[:1], fake[:3], [0], [0, 0, 0])["auc"])
+
+
+def test_report_c2st_ceiling_reads_the_ceiling_crops_not_the_outputs():
+    """The report's C2ST ceiling tests the truth against the ceiling crops (crop_C_*), the C2ST against the outputs
+    (crop_G_*): outputs drawn from the truth's distribution read near chance while a shifted ceiling reads near 1."""
+    from model_training.benchmark.report import _c2st
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(24):
+        p = rng.normal(size=(1, 6, 6, 4))
+        cases.append(({"key": f"case{i}"}, {"crop_P": p, "crop_G_weighted": rng.normal(size=(3, 6, 6, 4)),
+                                             "crop_C_weighted": p + 0.5}))
+    out = _c2st(cases, "weighted", 200)
+    ceiling = _c2st(cases, "weighted", 200, fake_kind="C")
+    assert abs(out["auc"] - 0.5) < 0.2 and out["n_fake"] == 72
+    assert ceiling["auc"] > 0.9 and ceiling["n_fake"] == 24 and ceiling["mean"] == ceiling["auc"]
+    assert np.isnan(_c2st(cases, "masked", 10)["auc"])

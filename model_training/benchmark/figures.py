@@ -185,30 +185,31 @@ def sigma_plot(per_sigma: dict, methods, conditions, path: Path) -> Path:
 
 
 def render_all(out: Path, cases, settings: dict, summary: dict, log=print) -> list[Path]:
-    from .report import _by, _sigma
+    from .report import _by, sigma_key, sigma_keys, sigma_label
 
     fdir = Path(out) / "figures"
     fdir.mkdir(parents=True, exist_ok=True)
     for old in fdir.glob("*.png"):  # the folder is the report's: no stale figure of an earlier setting survives
         old.unlink()
     paths = []
-    sigmas = sorted(summary["sigma"], key=float)
+    sigmas = sigma_keys(summary["sigma"])
     for sg in sigmas:
         suffix = f"_s{sg}" if len(sigmas) > 1 else ""
-        sc = [(r, a) for r, a in cases if f"{_sigma(r):g}" == sg]
+        sc = [(r, a) for r, a in cases if sigma_key(r) == sg]
+        label = sigma_label(sg, sc)
         for c in settings["conditions"]:
             sub = sorted(_by(sc, condition=c), key=lambda ra: ra[0]["seed"])
             p = case_grid(sub, settings["methods"], settings["samples"], fdir / f"{c}{suffix}.png",
                           f"{CONDITION_LABELS.get(c, c)} inpainted into the healthy twin at the true landmark "
-                          f"(sigma {sg} mm; dashed: W > 0.1)")
+                          f"({sigma_label(sg, sub)}; dashed: W > 0.1)")
             if p:
                 paths.append(p)
         cells = summary["sigma"][sg]["cells"]
         if cells:
             paths.append(summary_chart(cells, settings["methods"], settings["conditions"],
                                        fdir / f"summary{suffix}.png",
-                                       f"Phantom benchmark (sigma {sg} mm): mean and 95 % CI over cases"))
-    if len(sigmas) > 1:
-        paths.append(sigma_plot(summary["sigma"], settings["methods"], settings["conditions"],
-                                fdir / "sigma_sweep.png"))
+                                       f"Phantom benchmark ({label}): mean and 95 % CI over cases"))
+    numeric = {k: v for k, v in summary["sigma"].items() if k != "model"}
+    if len(numeric) > 1:
+        paths.append(sigma_plot(numeric, settings["methods"], settings["conditions"], fdir / "sigma_sweep.png"))
     return paths

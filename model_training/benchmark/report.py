@@ -27,8 +27,9 @@ MEAN_METRICS = ("cos", "r2", "sharp", "sharp_native", "geom_ratio", "cos_ceiling
                 "geom_ceiling_ratio", "present_prob", "present", "present_ceiling")
 
 
-def load_cases(out: Path, settings: dict, fp: str) -> list[tuple[dict, dict]]:
-    """(record, arrays) of every case of this run's seeds x conditions x sigmas with the current fingerprint."""
+def load_cases(out: Path, settings: dict, case_fps: dict) -> list[tuple[dict, dict]]:
+    """(record, arrays) of every case of this run's seeds x conditions x sigmas with its condition's current
+    fingerprint (``case_fps``: condition -> :func:`.run.fingerprint` of that condition)."""
     from .cases import draw_level
     from .run import _work_dir, case_name
 
@@ -43,7 +44,7 @@ def load_cases(out: Path, settings: dict, fp: str) -> list[tuple[dict, dict]]:
                 if not f.is_file():
                     continue
                 rec = json.loads(f.read_text())
-                if rec.get("fingerprint") != fp:
+                if rec.get("fingerprint") != case_fps.get(c):
                     continue
                 with np.load(d / f"{name}.npz") as z:
                     arrays = {k: z[k] for k in z.files}
@@ -72,17 +73,21 @@ def write_csv(rows: list[dict], path: Path) -> None:
                             ("" if isinstance(r.get(k), float) or r.get(k) is None else r[k])) for k in CSV_COLUMNS})
 
 
-def _c2st(cases, method, n_boot) -> dict:
+def _c2st(cases, method, n_boot, fake_kind: str = "G") -> dict:
+    """C2ST of the true crops against the method's outputs (``fake_kind`` "G") or against its ceiling ("C": the
+    truth's own autoencoder reconstruction pasted the same way, one per case): what a perfect diffusion model with
+    this autoencoder, grid and paste-back would score."""
     from .readers import c2st
 
     real, fake, gr, gf = [], [], [], []
+    key = f"crop_{fake_kind}_{method}"
     for rec, a in cases:
-        if f"crop_G_{method}" not in a:
+        if key not in a:
             continue
         real.append(a["crop_P"])
         gr += [rec["key"]] * len(a["crop_P"])
-        fake.append(a[f"crop_G_{method}"])
-        gf += [rec["key"]] * len(a[f"crop_G_{method}"])
+        fake.append(a[key])
+        gf += [rec["key"]] * len(a[key])
     if not real:
         return {"auc": float("nan"), "mean": float("nan"), "lo": float("nan"), "hi": float("nan")}
     res = c2st(np.concatenate(real), np.concatenate(fake), gr, gf, n_boot=n_boot)
@@ -129,6 +134,7 @@ def aggregate(cases, methods, n_boot: int) -> dict:
             mean, lo, hi = ST.grouped_mean_ci(vals, list(range(len(vals))), n_boot)
             d[k] = {"mean": mean, "lo": lo, "hi": hi}
         d["c2st_auc"] = _c2st(cases, m, n_boot)
+        d["c2st_auc_ceiling"] = _c2st(cases, m, n_boot, fake_kind="C")
         d.update(_fid_kid(cases, m, n_boot))
         per = [rec["methods"][m] for rec, _ in cases if m in rec["methods"]]
         d["nfe"] = float(np.mean([x["nfe"] for x in per]))
@@ -136,6 +142,7 @@ def aggregate(cases, methods, n_boot: int) -> dict:
         d["cpu_seconds"] = float(np.mean([x.get("cpu_seconds", np.nan) for x in per]))
         d["geom_truth"] = float(np.nanmean([rec["geom_truth"] for rec, _ in cases]))
         d["geom"] = float(np.nanmean([r["geom"] for r in rows]))
+        d["sigma_mm"] = sorted({float(r["sigma_mm"]) for r in rows})  # the sigma(s) the outputs used
         res[m] = d
     return res
 
@@ -151,13 +158,38 @@ def _reader_rates(cases) -> dict:
 
 
 def _by(cases, **want):
-    """Cases whose record matches every ``key=value`` (``sigma`` = the sigma its outputs used)."""
+    """Cases whose record matches every ``key=value`` (``sigma`` = :func:`sigma_key`)."""
     return [(r, a) for r, a in cases
-            if all((_sigma(r) if k == "sigma" else r[k]) == v for k, v in want.items())]
+            if all((sigma_key(r) if k == "sigma" else r[k]) == v for k, v in want.items())]
 
 
 def _sigma(rec) -> float:
     return float(rec["rows"][0]["sigma_mm"]) if rec["rows"] else float("nan")
+
+
+def sigma_key(rec) -> str:
+    """The sigma group of a case: ``"model"`` when the run left sigma to each model (models of different pathologies
+    may be trained with different sigmas), else the requested sigma (``--sigma-mm`` / ``--sigma-sweep``) as ``%g``."""
+    req = rec.get("sigma_requested", _sigma(rec))
+    return "model" if req is None else f"{float(req):g}"
+
+
+def sigma_keys(keys) -> list[str]:
+    """``"model"`` first, then numeric sigmas ascending."""
+    return sorted(set(keys), key=lambda k: (k != "model", float(k) if k != "model" else 0.0))
+
+
+def sigma_label(key: str, cases=()) -> str:
+    """``sigma 12 mm``, or for the ``model`` group the sigmas the models used per condition."""
+    if key != "model":
+        return f"sigma {key} mm"
+    used: dict = {}
+    for rec, _ in cases:
+        for r in rec["rows"]:
+            used.setdefault(r["condition"], set()).add(float(r["sigma_mm"]))
+    per = ", ".join(f"{CONDITION_LABELS.get(c, c)} {'/'.join(f'{v:g}' for v in sorted(vs))} mm"
+                    for c, vs in sorted(used.items(), key=lambda kv: CONDITIONS.index(kv[0])))
+    return f"each model's own sigma ({per})" if per else "each model's own sigma"
 
 
 def _cells(summary_cells: dict, methods, conditions):
@@ -178,13 +210,14 @@ def table1_md(summary_cells: dict, methods, conditions, sigma_label: str) -> str
               f"{fmt_ci(d['r2'])} | {fmt_ci(d['sharp'])} | {fmt_ci(d['geom_ratio'])} | {fmt_ci(d['present'])} |"
               for head, d in _cells(summary_cells, methods, conditions)]
     lines += ["", "Distribution, realism and diversity (FID/KID: Inception features of the central sagittal slices, "
-                  "generated vs true crops; C2ST AUC 0.5 = indistinguishable; MS-SSIM among the K samples, lower = "
-                  "more diverse):", "",
-              "| Condition | Method | FID | KID | C2ST AUC | MS-SSIM (2D slices) | MS-SSIM (3D) | nfe | s / call "
-              "(CPU s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "generated vs true crops; C2ST AUC 0.5 = indistinguishable; C2ST ceiling = the same test on the "
+                  "ceiling outputs; MS-SSIM among the K samples, lower = more diverse):", "",
+              "| Condition | Method | FID | KID | C2ST AUC | C2ST ceiling | MS-SSIM (2D slices) | MS-SSIM (3D) | nfe | "
+              "s / call (CPU s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"{head}{fmt_ci(d['fid'], 1)} | {fmt_ci(d['kid'], 3)} | {fmt_ci(d['c2st_auc'])} | "
-              f"{fmt_ci(d['ms_ssim_2d'])} | {fmt_ci(d['ms_ssim_3d'])} | {d['nfe']:.0f} | {d['seconds']:.1f} "
-              f"({d['cpu_seconds']:.1f}) |" for head, d in _cells(summary_cells, methods, conditions)]
+              f"{fmt_ci(d.get('c2st_auc_ceiling'))} | {fmt_ci(d['ms_ssim_2d'])} | {fmt_ci(d['ms_ssim_3d'])} | "
+              f"{d['nfe']:.0f} | {d['seconds']:.1f} ({d['cpu_seconds']:.1f}) |"
+              for head, d in _cells(summary_cells, methods, conditions)]
     return "\n".join(lines) + "\n"
 
 
@@ -224,29 +257,28 @@ def _table2_cells(cases, methods, n_boot) -> dict:
     return cells
 
 
-def build(out, settings: dict, fp: str, meta: dict, log=print) -> dict:
+def build(out, settings: dict, case_fps: dict, meta: dict, log=print) -> dict:
     from . import figures
 
     out = Path(out)
-    cases = load_cases(out, settings, fp)
+    cases = load_cases(out, settings, case_fps)
     methods, conditions = settings["methods"], settings["conditions"]
     rows = sorted((r for rec, _ in cases for r in rec["rows"]),
                   key=lambda r: (r["sigma_mm"], r["seed"], CONDITIONS.index(r["condition"]),
                                  methods.index(r["method"]), r["sample"]))
     write_csv(rows, out / "results.csv")
-    sigmas = sorted({_sigma(rec) for rec, _ in cases})
     per_sigma, t1, t2 = {}, [], []
-    for sg in sigmas:
+    for sg in sigma_keys(sigma_key(rec) for rec, _ in cases):
         sc = _by(cases, sigma=sg)
         cells = {c: aggregate(_by(sc, condition=c), methods, settings["n_boot"]) for c in conditions}
         cells = {c: v for c, v in cells.items() if v}
         reader = {c: _reader_rates(_by(sc, condition=c)) for c in conditions}
         paste = sorted({r["paste_mode"] for rec, _ in sc for r in rec["rows"]})
-        label = f"sigma {sg:g} mm, paste mode {'/'.join(paste)}"
+        label = f"{sigma_label(sg, sc)}, paste mode {'/'.join(paste)}"
         t1.append(table1_md(cells, methods, conditions, label))
         c2 = _table2_cells(sc, methods, settings["n_boot"])
         t2.append(table2_md(c2, methods, label))
-        per_sigma[f"{sg:g}"] = {"paste_mode": paste, "cells": cells, "reader": reader,
+        per_sigma[sg] = {"label": label, "paste_mode": paste, "cells": cells, "reader": reader,
                                 "table2": {f"{lv}|{c}": v for (lv, c), v in c2.items()}}
     models = {}
     for rec, _ in cases:

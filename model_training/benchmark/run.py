@@ -10,8 +10,9 @@ autoencoder reconstruction, pasted into H the way the pipeline pastes (``cos_cei
 Work is split per seed (H generated once, P once per condition) over ``--jobs`` worker processes of ``--threads``
 torch threads each. Every finished case is written to ``DIR/.work/`` (a JSON record + an ``.npz`` of crops, Inception
 features and figure views), so an interrupted run continues where it stopped; a case is recomputed when the
-settings or the model registry file changed (``fingerprint``). The report (:mod:`.report`) is then built from those
-files: ``results.csv``, ``table1.md``, ``table2.md``, ``summary.json``, ``figures/``.
+settings or the registry entries of the models its condition uses changed (``fingerprint``). The report
+(:mod:`.report`) is then built from those files: ``results.csv``, ``table1.md``, ``table2.md``, ``summary.json``,
+``figures/``.
 """
 from __future__ import annotations
 
@@ -103,15 +104,36 @@ def registry_file(settings) -> Path:
     return Path(settings["registry"]) if settings["registry"] else reg.default_registry_path()
 
 
-def fingerprint(settings, reader_sha: str | None) -> str:
-    """What makes a stored case reusable: every setting that changes its numbers, the reader's sha256 and the bytes
-    of the model registry file (new weights = new sha256s there = every case recomputed)."""
+def fingerprint(settings, reader_sha: str | None, condition: str | None = None) -> str:
+    """What makes a stored case reusable: every setting that changes its numbers, the reader's sha256 and the
+    models. With ``condition`` (a case's fingerprint) the models are the registry entries that condition's cases use
+    (id, method, config, weight sha256s, training record incl. sigma): new weights for one pathology recompute only
+    that pathology's cases. Without it (the run's fingerprint, checked between cases) the bytes of the whole
+    registry file: weights registered while the benchmark runs stop it."""
     keys = ("methods", "samples", "steps", "models", "paste_mode", "repaint_resample", "spacing", "features",
             "fid_slices", "fid_samples")
-    reg = registry_file(settings)
-    reg_sha = hashlib.sha256(reg.read_bytes()).hexdigest() if reg.is_file() else "none"
-    blob = json.dumps({**{k: settings[k] for k in keys}, "reader": reader_sha, "registry": reg_sha}, sort_keys=True)
+    if condition is None:
+        reg = registry_file(settings)
+        models = hashlib.sha256(reg.read_bytes()).hexdigest() if reg.is_file() else "none"
+    else:
+        models = _models_digest(settings, condition)
+    blob = json.dumps({**{k: settings[k] for k in keys}, "reader": reader_sha, "registry": models}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _models_digest(settings, condition: str) -> dict:
+    """{method: the resolved registry entry (weights by sha256, no paths)} of the models a case of ``condition``
+    runs."""
+    from spine_ldm import registry as reg
+
+    out = {}
+    for m in settings["methods"]:
+        mid = settings["models"].get(m) or _default_model(m, condition, settings["registry"])
+        e = reg.resolve(mid, settings["registry"])
+        j = e.to_json()
+        j["files"] = {k: f.sha256 for k, f in e.files.items()}
+        out[m] = j
+    return out
 
 
 def _default_model(method: str, condition: str, registry):
@@ -198,6 +220,13 @@ class Context:
     def __init__(self, settings, out: Path, fp: str):
         self.s, self.out, self.fp = settings, Path(out), fp
         self._reader = self._features = None
+        self._case_fp: dict = {}
+
+    def case_fp(self, condition: str) -> str:
+        """The fingerprint stored with (and required of) every case of ``condition``."""
+        if condition not in self._case_fp:
+            self._case_fp[condition] = fingerprint(self.s, self.reader_sha, condition)
+        return self._case_fp[condition]
 
     @property
     def reader_sha(self) -> str | None:
@@ -263,7 +292,8 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
     crops = {"H": crop(H, lm, norm)[None], "P": crop(P, lm, norm)[None]}
     reader = ctx.reader
     rec = {"key": case.key, "seed": case.seed, "level": case.level, "condition": case.condition,
-           "sigma_requested": sigma, "fingerprint": ctx.fp, "landmark_lps": list(lm), "disc_center_lps": list(disc),
+           "sigma_requested": sigma, "fingerprint": ctx.case_fp(case.condition), "landmark_lps": list(lm),
+           "disc_center_lps": list(disc),
            "geom_metric": "protrusion_mm3" if dh else "canal_area_mm2", "geom_truth": truth_geom,
            "geom_healthy": healthy_geom, "truth_info": {k: v for k, v in case.info.items() if k != "landmark_RAS_mm"},
            "present_truth": float(reader.present_prob(crops["P"], case.condition)[0]) if reader else None,
@@ -449,7 +479,7 @@ def _run_seed(settings, out: str, fp: str, seed: int) -> list[str]:
     _CTX[(out, fp)] = ctx
     level = CS.draw_level(seed, settings["levels"])
     todo = [(c, sg) for c in settings["conditions"] for sg in settings["sigmas"]
-            if not case_done(Path(out), case_name(f"{seed}_{level}_{c}", sg), fp)]
+            if not case_done(Path(out), case_name(f"{seed}_{level}_{c}", sg), ctx.case_fp(c))]
     if not todo:
         return []
     healthy = CS.phantom(seed, spacing=settings["spacing"])
@@ -530,12 +560,14 @@ def run_benchmark(settings: dict, out, log=print, report_only: bool = False, arg
                 for f in cf.as_completed(futs):
                     f.result()
     run_seconds = time.time() - t0
+    case_fps = {c: fingerprint(settings, _reader_sha(reader), c) for c in settings["conditions"]}
     meta = {"command": "python -m model_training benchmark-phantoms " + " ".join(argv or []),
-            "fingerprint": fp, "run_seconds": round(run_seconds, 1), "platform": platform.platform(),
+            "fingerprint": fp, "case_fingerprints": case_fps, "run_seconds": round(run_seconds, 1),
+            "platform": platform.platform(),
             "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
             "training_seeds_recorded": {k: v is not None for k, v in used.items()},
             "reader": _reader_meta(reader), "registry": str(registry_file(settings))}
-    return report.build(out, settings, fp, meta, log=log)
+    return report.build(out, settings, case_fps, meta, log=log)
 
 
 def _reader_sha(reader) -> str | None:
