@@ -24,9 +24,10 @@ from spine_ldm.conditions import CONDITIONS, LEVELS
 from SpineInpaintLib import MINIMUM_SLICER_VERSION, dependencies, layout, models, sampledata, tasks
 from SpineInpaintLib.level import suggestLevelFromMarkups
 from SpineInpaintLib.logic import POLL_INTERVAL_MS, InpaintLogic, defaultRegistryPath, selfTestProblem
-from SpineInpaintLib.parameters import (BACKENDS, DEVICES, METHOD_LABELS, METHODS, SAMPLES_RANGE, SEVERITY_LABELS,
-                                        SIGMA_RANGE_MM, STEPS_RANGE, InpaintParameters, conditionFromPathologySeverity,
-                                        fromParameterNode, pathologySeverityFromCondition)
+from SpineInpaintLib.parameters import (BACKENDS, DEVICES, METHOD_LABELS, METHODS, MODEL_SIGMA, SAMPLES_RANGE,
+                                        SEVERITY_LABELS, SIGMA_RANGE_MM, STEPS_RANGE, InpaintParameters,
+                                        conditionFromPathologySeverity, fromParameterNode,
+                                        pathologySeverityFromCondition)
 
 PATHOLOGY_KEYS = ("dh", "ccs", "none")  # order of pathologyComboBox items in the .ui
 _DEFAULTS = InpaintParameters()
@@ -95,7 +96,7 @@ class SpineInpaintParameterNode:
     model: str = _DEFAULTS.model
     samples: Annotated[int, WithinRange(*SAMPLES_RANGE)] = _DEFAULTS.samples
     seed: Annotated[int, Minimum(0)] = _DEFAULTS.seed
-    sigmaMm: Annotated[float, WithinRange(*SIGMA_RANGE_MM)] = _DEFAULTS.sigmaMm
+    sigmaMm: Annotated[float, WithinRange(MODEL_SIGMA, SIGMA_RANGE_MM[1])] = _DEFAULTS.sigmaMm  # 0 = the model's
     steps: Annotated[int, WithinRange(*STEPS_RANGE)] = _DEFAULTS.steps
     device: Annotated[str, Choice(DEVICES)] = _DEFAULTS.device
     backend: Annotated[str, Choice(BACKENDS)] = _DEFAULTS.backend

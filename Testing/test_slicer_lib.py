@@ -200,6 +200,26 @@ def test_command_matches_the_real_cli(scene, tmp_path):
     assert args.out.endswith("sample.nrrd") and args.image == req.inputPath
 
 
+def test_default_sigma_is_the_models_own(scene, tmp_path):
+    """The panel's default sigma (MODEL_SIGMA, shown as "model's") sends no sigma: the backend then uses the sigma
+    the model was trained with (the bundled DH models 8 mm, CCS 16 mm) instead of forcing 16 mm on every model."""
+    from SpineInpaintLib.parameters import MODEL_SIGMA
+    from spine_ldm import cli
+
+    vol = make_volume_node(scene)
+    lm = add_points(scene, [ras_of_ijk(vol, (3, 4, 5))])
+    params = InpaintParameters()
+    assert params.sigmaMm == MODEL_SIGMA == 0.0 and params.validate() == []
+    assert params.sigmaForBackend() is None and params.sigmaText() == "the model's sigma"
+    req = nodes.prepareBackendInput(vol, lm, params, str(tmp_path))
+    payload = nodes.requestPayload(req, params, "weighted")
+    assert "sigma_mm" not in payload
+    cmd = runner.inpaintCommand(payload, req.inputPath, str(tmp_path / "out"), python="py")
+    assert "--sigma-mm" not in cmd and cli.build_parser().parse_args(cli._fix_negative_vectors(cmd[3:])).sigma_mm is None
+    explicit = InpaintParameters(sigmaMm=10.0)
+    assert nodes.requestPayload(req, explicit, "weighted")["sigma_mm"] == 10.0 and explicit.sigmaText() == "sigma 10 mm"
+
+
 def test_parent_transform_and_outside_landmark(scene, tmp_path):
     vol = make_volume_node(scene, matrix=np.diag([1.0, 1.0, 3.0, 1.0]))
     tr = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
@@ -287,7 +307,7 @@ def test_parameters_validation():
                           backend="remote", remoteUrl="https://gpu:8000")
     assert p.validate() == [] and p.normalized() == p
     bad = InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x").validate()
-    assert len(bad) == 4 and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm (got 0.1)." in bad
+    assert len(bad) == 4 and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm, or 0 for the model's own (got 0.1)." in bad
     assert conditionFromPathologySeverity("dh", "moderate_large") == "dh_moderate_large"
     assert conditionFromPathologySeverity("none", "") == "none"
     assert pathologySeverityFromCondition("ccs_moderate") == ("ccs", "moderate")

@@ -224,9 +224,10 @@ def requestPayload(request: BackendRequest, params: InpaintParameters, method: s
         "samples": params.samples,
         "seed": params.seed,
         "steps": params.steps,
-        "sigma_mm": params.sigmaMm,
         "device": params.device,
     }
+    if params.sigmaForBackend() is not None:  # absent = the model's own sigma
+        payload["sigma_mm"] = params.sigmaForBackend()
     model = modelForMethod(params, method)
     if model:
         payload["model"] = model

@@ -25,6 +25,9 @@ BACKENDS = ("local", "remote")
 SAMPLES_RANGE = (1, 16)
 STEPS_RANGE = (1, 1000)
 SIGMA_RANGE_MM = (0.5, 100.0)
+#: sigmaMm value meaning "the sigma the selected model was trained with" (registry ``training.sigma_mm``: the bundled
+#: herniation models 8 mm, the stenosis models 16 mm); the panel's sigma box shows it as "model's".
+MODEL_SIGMA = 0.0
 
 #: Pathology combo box entries (panel) -> severities. "none" = healthy (no pathology inserted).
 PATHOLOGY_LABELS = {"dh": "Disc herniation (DH)", "ccs": "Central canal stenosis (CCS)", "none": "Healthy (no pathology)"}
@@ -61,7 +64,7 @@ class InpaintParameters:
     method: str = "weighted"
     samples: int = 1
     seed: int = 0
-    sigmaMm: float = 16.0
+    sigmaMm: float = MODEL_SIGMA  # MODEL_SIGMA = the model's own; else 0.5..100 mm (differing from the model's warns)
     steps: int = 50
     device: str = "auto"
     model: str = ""  # registry id; "" = the backend's default model
@@ -89,8 +92,11 @@ class InpaintParameters:
         for name, value, (lo, hi), unit in (("Samples", self.samples, SAMPLES_RANGE, ""),
                                              ("Steps", self.steps, STEPS_RANGE, ""),
                                              ("Sigma", self.sigmaMm, SIGMA_RANGE_MM, " mm")):
+            if name == "Sigma" and float(value) == MODEL_SIGMA:
+                continue
             if not lo <= float(value) <= hi:
-                errors.append(f"{name} must be {lo:g}..{hi:g}{unit} (got {value}).")
+                errors.append(f"{name} must be {lo:g}..{hi:g}{unit} (got {value})." if name != "Sigma" else
+                              f"Sigma must be {lo:g}..{hi:g} mm, or {MODEL_SIGMA:g} for the model's own (got {value}).")
         if int(self.seed) < 0:
             errors.append(f"Seed must be >= 0 (got {self.seed}).")
         if self.device not in DEVICES:
@@ -109,6 +115,13 @@ class InpaintParameters:
         return dataclasses.replace(self, level=parse_level(self.level), condition=parse_condition(self.condition),
                                    samples=int(self.samples), seed=int(self.seed), steps=int(self.steps),
                                    sigmaMm=float(self.sigmaMm))
+
+    def sigmaForBackend(self) -> float | None:
+        """The ``sigma_mm`` to send: None = the model's own (:data:`MODEL_SIGMA`)."""
+        return None if float(self.sigmaMm) == MODEL_SIGMA else float(self.sigmaMm)
+
+    def sigmaText(self) -> str:
+        return "the model's sigma" if self.sigmaForBackend() is None else f"sigma {float(self.sigmaMm):g} mm"
 
     def methodsToRun(self) -> list[str]:
         return list(METHODS) if self.compareMethods else [self.method]

@@ -134,8 +134,10 @@ def inpaintCommand(payload: dict, inputPath: str, outputDir: str, python: Option
            "--level", payload["level"], "--condition", payload["condition"],
            "--method", payload["method"], "--samples", str(int(payload["samples"])),
            "--seed", str(int(payload["seed"])), "--steps", str(int(payload["steps"])),
-           "--sigma-mm", _fmt(float(payload["sigma_mm"])), "--device", payload.get("device", "auto"),
+           "--device", payload.get("device", "auto"),
            "--out", os.path.join(str(outputDir), "sample.nrrd"), "--progress", "json"]
+    if payload.get("sigma_mm") is not None:  # absent: the model's own sigma
+        cmd += ["--sigma-mm", _fmt(float(payload["sigma_mm"]))]
     if payload.get("model"):
         cmd += ["--model", payload["model"]]
     if payload.get("disc_center_lps") is not None:

@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sigma-mm", type=float, default=16.0)
+    p.add_argument("--sigma-mm", type=float, default=0.0, help="0 = the sigma the model was trained with")
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default="", help="registry id (default: the bundled model of the method)")
     p.add_argument("--registry", default="", help="Models.json (default: the module's bundled one)")
