@@ -483,17 +483,53 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
         assert info["steps_done"] == (3 if n.startswith("full") else 2)  # --full-steps: the RePaint models only
         fam = ("dh_small", "dh_moderate_large") if n.endswith("dh") else ("ccs_moderate", "ccs_severe")
         assert info["conditions"] == list(fam)
+        assert info["train_config"]["sigma_mm"] == (8.0 if n.endswith("dh") else 16.0)  # FAMILY_SIGMA_MM
     ids = {e.id: e for e in R.list_models(str(reg))}
     assert set(ids) == {f"demo-small-{n}" for n in names}
     for i, e in ids.items():
         assert all(st.status == "ok" for st in R.verify(i, str(reg)).values())
         assert e.extra["default"] is True
         assert R.training_info(e)["phantom_seeds"] == {"import_phantoms": {"seed": 0, "n_studies": 4}}
+        assert R.training_info(e)["sigma_mm"] == (8.0 if i.endswith("-dh") else 16.0)  # the pipeline's default
         sd = torch.load(e.files["unet"].local_path(), weights_only=True)
         assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
     assert len({e.files["autoencoder"].sha256 for e in ids.values()}) == 1
     assert pipeline.default_model_for("repaint", "ccs_moderate", str(reg)) == "demo-small-full-ccs"
     assert pipeline.default_model_for("weighted", "dh_small", str(reg)) == "demo-small-weighted-dh"
+
+
+def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_path):
+    """The recipe trains DH at 8 mm and CCS at 16 mm unless --ldm-set sigma_mm overrides both; a weighted/masked
+    run folder trained with another sigma is refused (not resumed, not exported), a full one only records it."""
+    from model_training.demo_weights import FAMILY_SIGMA_MM, _check_run_sigma, family_sigma
+
+    assert FAMILY_SIGMA_MM == {"dh": 8.0, "ccs": 16.0}
+    cfg = {"sigma_mm": 16.0}
+    assert family_sigma("dh", cfg) == 8.0 and family_sigma("ccs", cfg, []) == 16.0
+    assert family_sigma("dh", {"sigma_mm": 12.0}, ["sigma_mm=12"]) == 12.0
+    assert family_sigma("dh", cfg, ["steps=5"]) == 8.0
+    old = {"train_config": {"sigma_mm": 16.0}}
+    with pytest.raises(InputError, match=r"trained with sigma 16 mm, the recipe now uses 8 mm"):
+        _check_run_sigma(tmp_path / "weighted-dh", old, "weighted", 8.0)
+    with pytest.raises(InputError, match="move that run folder away"):
+        _check_run_sigma(tmp_path / "masked-dh", old, "masked", 8.0)
+    _check_run_sigma(tmp_path / "full-dh", old, "full", 8.0)
+    _check_run_sigma(tmp_path / "weighted-ccs", old, "weighted", 16.0)
+    _check_run_sigma(tmp_path / "weighted-dh", {}, "weighted", 8.0)  # a new run
+
+
+def test_demo_recipe_prunes_only_superseded_entries(tmp_path):
+    """Exporting one family (``--families dh``) must not drop the other family's bundled entries: only the
+    previous recipe's one-model-per-method ``demo-small-{method}`` ids are removed, other models stay."""
+    from helpers_models import make_registry
+    from model_training.demo_weights import prune_superseded
+    from spine_ldm import registry as R
+
+    reg = make_registry(tmp_path, ids={"weighted": "demo-small-weighted", "masked": "demo-small-masked-ccs",
+                                       "full": "my-own-full"})
+    assert prune_superseded(reg) == ["demo-small-weighted"]
+    assert [e.id for e in R.read_registry(reg)] == ["demo-small-masked-ccs", "my-own-full"]
+    assert prune_superseded(reg) == []
 
 
 def test_ldm_lr_schedule_warmup_constant_then_cosine_decay():
