@@ -241,7 +241,7 @@ def prune_superseded(registry: Path) -> list[str]:
 
 def family_sigma(family: str, ldm_cfg: dict, ldm_set=None) -> float:
     """The family's sigma (:data:`FAMILY_SIGMA_MM`) unless ``--ldm-set sigma_mm=X`` sets one for every LDM."""
-    if any(str(o).split("=", 1)[0].strip() == "sigma_mm" for o in (ldm_set or [])):
+    if "sigma_mm" in C.parse_overrides(ldm_set):
         return float(ldm_cfg["sigma_mm"])
     return float(FAMILY_SIGMA_MM[family])
 

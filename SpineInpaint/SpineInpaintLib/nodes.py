@@ -226,8 +226,9 @@ def requestPayload(request: BackendRequest, params: InpaintParameters, method: s
         "steps": params.steps,
         "device": params.device,
     }
-    if params.sigmaForBackend() is not None:  # absent = the model's own sigma
-        payload["sigma_mm"] = params.sigmaForBackend()
+    sigma = params.sigmaForBackend()
+    if sigma is not None:  # absent = the model's own sigma
+        payload["sigma_mm"] = sigma
     model = modelForMethod(params, method)
     if model:
         payload["model"] = model

@@ -89,14 +89,13 @@ class InpaintParameters:
             errors.append(f"Condition {self.condition!r} is not one of {', '.join(CONDITIONS)}.")
         if self.method not in METHODS:
             errors.append(f"Method {self.method!r} is not one of {', '.join(METHODS)}.")
-        for name, value, (lo, hi), unit in (("Samples", self.samples, SAMPLES_RANGE, ""),
-                                             ("Steps", self.steps, STEPS_RANGE, ""),
-                                             ("Sigma", self.sigmaMm, SIGMA_RANGE_MM, " mm")):
-            if name == "Sigma" and float(value) == MODEL_SIGMA:
-                continue
+        for name, value, (lo, hi) in (("Samples", self.samples, SAMPLES_RANGE), ("Steps", self.steps, STEPS_RANGE)):
             if not lo <= float(value) <= hi:
-                errors.append(f"{name} must be {lo:g}..{hi:g}{unit} (got {value})." if name != "Sigma" else
-                              f"Sigma must be {lo:g}..{hi:g} mm, or {MODEL_SIGMA:g} for the model's own (got {value}).")
+                errors.append(f"{name} must be {lo:g}..{hi:g} (got {value}).")
+        lo, hi = SIGMA_RANGE_MM
+        if float(self.sigmaMm) != MODEL_SIGMA and not lo <= float(self.sigmaMm) <= hi:
+            errors.append(f"Sigma must be {lo:g}..{hi:g} mm, or {MODEL_SIGMA:g} for the model's own "
+                          f"(got {self.sigmaMm}).")
         if int(self.seed) < 0:
             errors.append(f"Seed must be >= 0 (got {self.seed}).")
         if self.device not in DEVICES:
