@@ -688,7 +688,8 @@ class SpineInpaintWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = [0.0, 0.0, 0.0]
         landmark.GetNthControlPointPositionWorld(0, p)
         slicer.modules.markups.logic().JumpSlicesToLocation(p[0], p[1], p[2], True)
-        self.setStatus(_("Phantom loaded: landmark at the L4-L5 posterior disc margin."))
+        self.setStatus(_("Phantom loaded: landmark at the centre of a moderate/large L4-L5 herniation "
+                         "(4 mm behind the posterior disc margin)."))
         self.updateButtons()
 
     def setStatus(self, text):

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from helpers_models import corrupt, make_model_zip, make_registry, make_test_volume
 from spine_ldm import cli
-from spine_ldm.geometry import lps_to_ras
+from spine_ldm.geometry import herniation_landmark, lps_to_ras
 from spine_ldm.weighting import gaussian_weight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +232,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert len(summary["cases"]) == 9 and Path(summary["png"]).is_file()
     assert sum(c["case"] == "real_ivd11_dh_L4-L5" for c in summary["cases"]) == 3
+    # the phantom herniation goes where the models draw one: its centre, 4 mm behind the posterior disc margin
+    _, discs, lms = demo._phantom_case(seed=0)
+    dh = [c for c in summary["cases"] if c["case"] == "dh_L4-L5"]
+    assert len(dh) == 3
+    for c in dh:
+        np.testing.assert_allclose(c["landmark_lps"], herniation_landmark(lms[("L4-L5", "dh")], discs["L4-L5"],
+                                                                          "dh_moderate_large"))
+        assert np.linalg.norm(np.subtract(c["landmark_lps"], lms[("L4-L5", "dh")])) == pytest.approx(4.0)
     for c in summary["cases"]:
         for p in c["outputs"]:
             assert Path(p).is_file()

@@ -12,6 +12,7 @@ import pytest
 
 from model_training import evaluate as E
 from model_training.manifest import Row, write_manifest
+from spine_ldm.geometry import herniation_landmark
 
 CFG = SimpleNamespace(fsu_shape=(32, 16, 8), fsu_size_mm=(80.0, 80.0, 50.0), fsu_spacing_mm=(2.5, 5.0, 6.25))
 
@@ -62,7 +63,9 @@ def test_inpaint_landmark_rules():
     h = Row(**base, landmark_lps=(0, 20, 0), canal_lps=(0, 28, 1))
     assert E.inpaint_landmark(h, "ccs_severe") == ((0.0, 28.0, 1.0), False)
     assert E.inpaint_landmark(h, "CCS-moderate") == ((0.0, 28.0, 1.0), False)
-    assert E.inpaint_landmark(h, "dh_moderate_large") == ((0.0, 20.0, 0.0), False)
+    # a herniation at its centre, behind the posterior disc margin (geometry.herniation_landmark)
+    assert E.inpaint_landmark(h, "dh_moderate_large") == ((0.0, 24.0, 0.0), False)
+    assert E.inpaint_landmark(h, "dh_small") == ((0.0, 21.5, 0.0), False)
     assert E.inpaint_landmark(h.replace(canal_lps=None), "ccs_severe") == ((0.0, 20.0, 0.0), True)
     assert E.inpaint_landmark(h.replace(canal_lps=None, landmark_lps=None), "ccs_severe") == (None, False)
     assert E.inpaint_landmark(h.replace(landmark_lps=None), "dh_small") == (None, False)
@@ -71,15 +74,17 @@ def test_inpaint_landmark_rules():
     assert E.inpaint_landmark(p, "ccs_severe") == ((0.0, 27.0, 0.0), False)
 
 
-def test_healthy_row_gets_stenosis_at_the_canal_and_herniation_at_the_margin(healthy_rows, fake_pipeline, capsys):
+def test_healthy_row_gets_stenosis_at_the_canal_and_herniation_behind_the_margin(healthy_rows, fake_pipeline, capsys):
     r = next(x for x in healthy_rows if x.level == "L4-L5")
     # the two points really differ: the canal centre lies several mm behind the posterior disc margin
     assert r.canal_lps[1] - r.landmark_lps[1] > 4.0
     col, records, stats = _collect([r], ["ccs_severe", "dh_moderate_large"])
+    dh = herniation_landmark(r.landmark_lps, r.disc_center_lps, "dh_moderate_large")
+    assert np.linalg.norm(np.subtract(dh, r.landmark_lps)) == pytest.approx(4.0)
     assert sorted(fake_pipeline["inpaint"]) == sorted([("L4-L5", "ccs_severe", r.canal_lps),
-                                                       ("L4-L5", "dh_moderate_large", r.landmark_lps)])
+                                                       ("L4-L5", "dh_moderate_large", dh)])
     # input crop + output crop of each condition centred on that condition's point
-    assert sorted(fake_pipeline["crop"]) == sorted([r.canal_lps] * 2 + [r.landmark_lps] * 2)
+    assert sorted(fake_pipeline["crop"]) == sorted([r.canal_lps] * 2 + [dh] * 2)
     assert stats == {"skipped_no_landmark": 0, "healthy_inputs": 1, "pathological_inputs": 0,
                      "ccs_landmark_fallback": 0}
     assert len(col.inpainted[("L4-L5", "ccs_severe", "weighted")]) == 1
@@ -111,5 +116,6 @@ def test_run_evaluation_reports_the_fallback_count(healthy_rows, fake_pipeline, 
     by = {(lv, c): np.asarray(lm) for lv, c, lm in fake_pipeline["inpaint"]}
     assert len(by) == 10
     np.testing.assert_allclose(by[("L2-L3", "ccs_severe")], rows[1].canal_lps)
-    np.testing.assert_allclose(by[("L2-L3", "dh_small")], rows[1].landmark_lps)
+    np.testing.assert_allclose(by[("L2-L3", "dh_small")],
+                               herniation_landmark(rows[1].landmark_lps, rows[1].disc_center_lps, "dh_small"))
     np.testing.assert_allclose(by[("L1-L2", "ccs_severe")], rows[0].landmark_lps)

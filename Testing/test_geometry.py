@@ -314,6 +314,19 @@ def test_estimate_disc_center(make_volume, name):
         g.estimate_disc_center(lm, "fracture", img)
 
 
+def test_herniation_landmark_behind_the_margin_along_the_disc_axis():
+    c, m = (1.0, 10.0, -50.0), (1.0, 28.0, -47.0)  # a tilted disc: its AP axis has an SI component
+    u = np.subtract(m, c) / np.linalg.norm(np.subtract(m, c))
+    for cond, mm in (("dh_small", 1.5), ("dh_moderate_large", 4.0)):
+        p = np.asarray(g.herniation_landmark(m, c, cond))
+        np.testing.assert_allclose(p - m, mm * u, atol=1e-12)
+    assert g.HERNIATION_CENTRE_MM["dh_small"] < g.HERNIATION_CENTRE_MM["dh_moderate_large"]
+    with pytest.raises(InputError, match="herniation condition"):
+        g.herniation_landmark(m, c, "ccs_severe")
+    with pytest.raises(InputError, match="0.00 mm apart"):
+        g.herniation_landmark(c, c, "dh_small")
+
+
 def test_real_ivd11_disc_at_fsu_centre(shared_data):
     from spine_ldm.io import read_volume
 

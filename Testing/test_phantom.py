@@ -140,8 +140,18 @@ def test_paired_herniation_is_local_and_grows_with_severity(healthy, dh_cases):
         # the landmark sits in the herniation (or its rim), posterior to the L4-L5 disc margin
         i, j, k = case.labels.TransformPhysicalPointToIndex(p["landmark_LPS_mm"])
         assert lab[k, j, i] in (L.HERNIATION, L.HERNIATION_RIM)
-        margin = case.landmarks["discs"]["L4-L5"]["posterior_margin_LPS_mm"]
+        disc = case.landmarks["discs"]["L4-L5"]
+        margin = disc["posterior_margin_LPS_mm"]
         assert p["landmark_LPS_mm"][1] > margin[1]
+        # the landmark convention the healthy disc records for this grade (geometry.herniation_landmark) is the
+        # drawn herniation's centre: within 1.5 mm along the disc's AP axis, in the herniation or its rim
+        u = np.subtract(margin, disc["center_LPS_mm"])
+        u /= np.linalg.norm(u)
+        conv = healthy.landmarks["discs"]["L4-L5"]["herniation_landmark_LPS_mm"][f"dh_{sev}"]
+        assert conv == disc["herniation_landmark_LPS_mm"][f"dh_{sev}"]
+        assert abs(np.dot(np.subtract(p["landmark_LPS_mm"], conv), u)) < 1.5
+        i, j, k = case.labels.TransformPhysicalPointToIndex(conv)
+        assert lab[k, j, i] in (L.HERNIATION, L.HERNIATION_RIM)
         # herniation replaces CSF / epidural fat, never bone
         changed = lab != arr(healthy.labels)
         assert not np.isin(arr(healthy.labels)[changed], L.BONE_LABELS).any()

@@ -638,10 +638,13 @@ def test_phantom_sample_data_loads_with_file_geometry(scene, tmp_path):
     assert [discs.GetNthControlPointLabel(i) for i in range(discs.GetNumberOfControlPoints())] == \
         ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
     assert level.suggestLevelFromMarkups(landmark, discs).level == "L4-L5"
-    # the landmark's LPS position is the phantom's own LPS posterior margin
+    # the landmark's LPS position is the phantom's own LPS centre of a moderate/large herniation, 4 mm behind the
+    # posterior disc margin (where the bundled models draw one)
     lm = json.loads(Path(paths["landmarks"]).read_text())
     req = nodes.prepareBackendInput(volume, landmark, InpaintParameters(), str(tmp_path / "w"), discs)
-    np.testing.assert_allclose(req.landmarkLps, lm["discs"]["L4-L5"]["posterior_margin_LPS_mm"], atol=1e-6)
+    d = lm["discs"]["L4-L5"]
+    np.testing.assert_allclose(req.landmarkLps, d["herniation_landmark_LPS_mm"]["dh_moderate_large"], atol=1e-6)
+    assert np.linalg.norm(np.subtract(req.landmarkLps, d["posterior_margin_LPS_mm"])) == pytest.approx(4.0, abs=0.01)
     np.testing.assert_allclose(req.discCenterLps, lm["discs"]["L4-L5"]["center_LPS_mm"], atol=1e-6)
 
 

@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
 VARIANTS = ("taper", "grid", "paper", "ae")
 PAPER_SHAPE = (128, 64, 32)
-BOUNDS_TEXT = (
+TITLE = "C2ST lower bounds (the truth pasted the way the pipeline pastes)"
+TEXT = (
     "Each column pastes the *true* change into the healthy twin (change paste-back at the weighted model's own "
     "sigma) and loses one more thing: `taper` only the Gaussian weighting W (scan grid, no autoencoder); `grid` the "
     "truth through the bundled model's FSU grid; `paper` through the paper config's finer FSU grid (128 x 64 x 32); "

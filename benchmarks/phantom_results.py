@@ -24,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
+#: diagnostic scripts run after the benchmark (benchmarks/<name>.py; "seeds": given --seeds, else their own)
+DIAGNOSTICS = {"c2st_bounds": "seeds", "landmark_placement": None}
 METHODS = ("weighted", "masked", "repaint")
 
 
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--figure-cases", type=int, default=3, help="case rows of the first paste mode's grids")
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
     ap.add_argument("--extra", default="", help="more benchmark-phantoms options, e.g. '--repaint-resample 10'")
-    ap.add_argument("--no-bounds", action="store_true", help="skip benchmarks/c2st_bounds.py (C2ST lower bounds)")
+    ap.add_argument("--no-diagnostics", action="store_true",
+                    help="skip the diagnostic scripts (benchmarks/c2st_bounds.py, benchmarks/landmark_placement.py)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--readme-only", action="store_true",
                     help="rewrite README.md from the runs recorded in results.json (no benchmark runs)")
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
         rec = json.loads((out / "results.json").read_text())
         runs = rec["runs"]
         summaries = {k: json.loads((out / v["folder"] / "summary.json").read_text()) for k, v in runs.items()}
-        write_readme(out, runs, summaries, rec.get("argv", []), rec.get("c2st_bounds"))
+        write_readme(out, runs, summaries, rec.get("argv", []), rec.get("diagnostics"))
         return 0
     runs = {}
     for i, mode in enumerate(m.strip() for m in args.paste_modes.split(",") if m.strip()):
@@ -120,22 +123,22 @@ def main(argv=None) -> int:
                          ["--samples", "2", "--methods", "weighted", "--conditions", args.sweep_conditions,
                           "--sigma-sweep", args.sweep, "--figure-cases", "0", *extra], args.jobs, args.dry_run)
         runs["sigma_sweep"] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": "sigma_sweep"}
-    bounds = None
-    if not args.no_bounds:
-        cmd = [sys.executable, "benchmarks/c2st_bounds.py", "--seeds", args.seeds, "--out",
-               _rel(out / "c2st_bounds.json")]
+    diagnostics = {}
+    for name, more in DIAGNOSTICS.items() if not args.no_diagnostics else ():
+        cmd = [sys.executable, f"benchmarks/{name}.py", *(["--seeds", args.seeds] if more == "seeds" else []),
+               "--out", _rel(out / f"{name}.json")]
         print("$", " ".join(cmd[1:]), flush=True)
         t = time.time()
         if not args.dry_run:
             subprocess.run(cmd, cwd=REPO, check=True)
-        bounds = {"command": ["python", *cmd[1:]], "wall_seconds": round(time.time() - t, 1),
-                  "file": "c2st_bounds.json"}
+        diagnostics[name] = {"command": ["python", *cmd[1:]], "wall_seconds": round(time.time() - t, 1),
+                             "file": f"{name}.json"}
     if args.dry_run:
         return 0
     summaries = {k: json.loads((out / v["folder"] / "summary.json").read_text()) for k, v in runs.items()}
     argv = list(argv if argv is not None else sys.argv[1:])
-    write_readme(out, runs, summaries, argv, bounds)
-    (out / "results.json").write_text(json.dumps({"argv": argv, "runs": runs, "c2st_bounds": bounds, "models": {
+    write_readme(out, runs, summaries, argv, diagnostics)
+    (out / "results.json").write_text(json.dumps({"argv": argv, "runs": runs, "diagnostics": diagnostics, "models": {
         k: s["models"] for k, s in summaries.items()}}, indent=2) + "\n")
     for k, s in summaries.items():
         if k != "sigma_sweep":
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_readme(out: Path, runs: dict, summaries: dict, argv, bounds: dict | None = None) -> None:
+def write_readme(out: Path, runs: dict, summaries: dict, argv, diagnostics: dict | None = None) -> None:
     first = next(iter(summaries.values()))
     models = {}
     for s in summaries.values():
@@ -188,13 +191,13 @@ def write_readme(out: Path, runs: dict, summaries: dict, argv, bounds: dict | No
                   "Each weighted model sampled at other sigmas than its own (the pipeline warns then): cos / present "
                   "rate (mean over cases).", "", sweep_table(summaries["sigma_sweep"]), "",
                   f"![sigma sweep](./{runs['sigma_sweep']['folder']}/figures/sigma_sweep.png)", ""]
-    if bounds and (out / bounds["file"]).is_file():
-        from c2st_bounds import BOUNDS_TEXT, table
-
-        b = json.loads((out / bounds["file"]).read_text())
-        lines += ["## C2ST lower bounds (the truth pasted the way the pipeline pastes)", "",
-                  f"`{' '.join(bounds['command'])}` ({bounds['wall_seconds'] / 60:.1f} min, "
-                  f"[per case](./{bounds['file']})). " + BOUNDS_TEXT, "", table(b), ""]
+    for name, d in (diagnostics or {}).items():
+        if not (out / d["file"]).is_file():
+            continue
+        mod = __import__(name)  # benchmarks/<name>.py, next to this script
+        lines += [f"## {mod.TITLE}", "", f"`{' '.join(d['command'])}` ({d['wall_seconds'] / 60:.1f} min, "
+                  f"[per case](./{d['file']})). " + mod.TEXT, "", mod.table(json.loads((out / d["file"]).read_text())),
+                  ""]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 

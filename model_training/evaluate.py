@@ -8,7 +8,8 @@ Protocol (our reading of the paper, see /work/shared/paper_notes.md):
 
 - Landmark (:func:`inpaint_landmark`): a pathological row uses its own ``landmark_lps``. A healthy row gets the
   point where the target condition goes: ``canal_lps`` (centre of the central canal at the disc level) for
-  ``ccs_*``, ``landmark_lps`` (posterior disc margin / where a herniation starts) for ``dh_*``. A healthy row
+  ``ccs_*``, the herniation's centre behind ``landmark_lps`` (the posterior disc margin;
+  ``geometry.herniation_landmark``) for ``dh_*``. A healthy row
   without ``canal_lps`` falls back to ``landmark_lps`` for ``ccs_*``; those inputs are counted
   (``ccs_landmark_fallback`` in ``evaluation.json``) and reported once as a warning. The same point is the
   inpainting landmark and the centre of every crop of that input.
@@ -273,9 +274,13 @@ def inpaint_landmark(row, condition: str) -> tuple[tuple[float, float, float] | 
     """(LPS point where ``condition`` is inpainted into / cropped around ``row``, fell back?).
 
     Pathological rows: their own ``landmark_lps``. Healthy rows: ``canal_lps`` for ``ccs_*`` conditions (the
-    canal centre at the disc level), ``landmark_lps`` for ``dh_*``; a healthy row without ``canal_lps`` falls
-    back to ``landmark_lps`` for ``ccs_*`` and reports ``True``. ``None`` when the row has no usable point.
+    canal centre at the disc level), and for ``dh_*`` the herniation's centre behind the posterior disc margin
+    ``landmark_lps`` (``geometry.herniation_landmark``: where the models learned to draw it); a healthy row without
+    ``canal_lps`` falls back to ``landmark_lps`` for ``ccs_*`` and reports ``True``. ``None`` when the row has no
+    usable point.
     """
+    from spine_ldm.geometry import herniation_landmark
+
     condition = parse_condition(condition)
     if row.condition != "none":
         return row.landmark_lps, False
@@ -283,7 +288,9 @@ def inpaint_landmark(row, condition: str) -> tuple[tuple[float, float, float] | 
         if row.canal_lps is not None:
             return row.canal_lps, False
         return row.landmark_lps, row.landmark_lps is not None
-    return row.landmark_lps, False
+    if row.landmark_lps is None:
+        return None, False
+    return herniation_landmark(row.landmark_lps, row.disc_center_lps, condition), False
 
 
 def collect(rows, methods, conditions, samples: int, steps: int, seed: int, models: dict, registry=None,

@@ -1,8 +1,8 @@
 """``spine-ldm demo``: the whole tool in one command, with the bundled demo weights.
 
 1. Generate a healthy lumbar T2 phantom (seed 0) and write it as ``phantom_t2.nrrd``.
-2. Inpaint a moderate/large disc herniation at the L4-L5 posterior disc margin and a severe central canal stenosis
-   at L3-L4 with the three methods (weighted, masked, RePaint), one sample each (same seed).
+2. Inpaint a moderate/large disc herniation at L4-L5 (landmark = the herniation's centre, 4 mm behind the posterior
+   disc margin: ``geometry.herniation_landmark``) and a severe central canal stenosis at L3-L4 with the three methods (weighted, masked, RePaint), one sample each (same seed).
 3. Write every output NRRD (input grid, ``spine_ldm_*`` provenance) and ``comparison.png``: one row per case,
    columns input | weighted | masked | RePaint, the sagittal slice through the landmark (superior up, anterior
    left, the landmark marked), plus ``demo_summary.json``.
@@ -75,7 +75,8 @@ def _posterior_axis(image: sitk.Image) -> np.ndarray:
 def _phantom_case(seed: int = 0):
     """(image, disc centres {level: lps}, landmarks {(level, kind): lps}) of a healthy phantom.
 
-    DH landmark = the phantom's posterior disc margin; CCS landmark = the centre of the thecal sac at the level.
+    DH landmark = the phantom's posterior disc margin (the demo moves it to the herniation's centre,
+    ``geometry.herniation_landmark``); CCS landmark = the centre of the thecal sac at the level.
     """
     from . import phantom
 
@@ -153,6 +154,7 @@ def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps:
              progress: Callable[[int, int], None] | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the summary dict (also written to ``demo_summary.json``)."""
+    from . import geometry
     from . import io as sio
     from . import pipeline
 
@@ -171,6 +173,8 @@ def run_demo(out_dir="spine_ldm_demo", real: bool = False, device="auto", steps:
         lm = lms.get((level, kind))
         if lm is None:
             lm = tuple(np.asarray(disc) + POSTERIOR_OFFSET_MM[kind] * _posterior_axis(image))
+        elif kind == "dh":  # the herniation's centre, where the models were trained to draw it
+            lm = geometry.herniation_landmark(lm, disc, condition)
         row = {"label": f"{condition} at {level}", "landmark": lm, "images": {"input": image}}
         for method in METHODS:
             log(f"{name}: {method} ...")

@@ -526,6 +526,30 @@ def _anterior_axis(image: sitk.Image | None) -> np.ndarray:
     return -col if dots[p] > 0 else col  # point towards anterior (LPS -y)
 
 
+#: Where a herniation's landmark goes: the centre of the extruded disc material, this far (mm) behind the posterior
+#: disc margin (half the protrusion beyond the margin; the phantom draws 2-4 mm for a small, 6-10 mm for a
+#: moderate/large herniation). The bundled models were trained with landmarks there (the phantom's pathology
+#: landmark): the herniation is drawn centred on the landmark, so a point on the margin itself puts part of it inside
+#: the disc, where it does not show (measured by ``benchmarks/landmark_placement.py``, table in docs/results).
+HERNIATION_CENTRE_MM = {"dh_small": 1.5, "dh_moderate_large": 4.0}
+
+
+def herniation_landmark(posterior_margin_lps, disc_center_lps, condition: str) -> tuple[float, float, float]:
+    """The landmark of a herniation of ``condition`` to create on a disc: :data:`HERNIATION_CENTRE_MM` behind the
+    posterior disc margin, along the disc's own AP axis (disc centre -> posterior margin). LPS tuple."""
+    cond = parse_condition(condition)
+    if cond not in HERNIATION_CENTRE_MM:
+        raise InputError(f"herniation_landmark needs a herniation condition ({', '.join(HERNIATION_CENTRE_MM)}), "
+                         f"got {cond!r}")
+    m, c = as_point(posterior_margin_lps, "posterior disc margin"), as_point(disc_center_lps, "disc centre")
+    u = m - c
+    n = float(np.linalg.norm(u))
+    if n < 1.0:
+        raise InputError(f"posterior disc margin {tuple(np.round(m, 1))} and disc centre {tuple(np.round(c, 1))} "
+                         f"are {n:.2f} mm apart; the margin must lie behind the centre")
+    return tuple(float(v) for v in m + HERNIATION_CENTRE_MM[cond] * u / n)
+
+
 def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None = None):
     """Estimate the disc centre (FSU centre) from a pathology landmark.
 

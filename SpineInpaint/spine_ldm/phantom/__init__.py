@@ -34,7 +34,9 @@ Severity ranges: see :mod:`spine_ldm.phantom.pathology`. Label values: :data:`LA
 
 ``landmarks`` / ``landmarks.json`` (all points in LPS and RAS mm, RAS = (-x, -y, z)):
 ``space``, ``seed``, ``spacing``, ``size``, ``origin_LPS_mm``, ``direction``; ``discs[level]``: ``center_*``
-(disc centre), ``posterior_margin_*`` (midline posterior disc margin), height, depth, label values;
+(disc centre), ``posterior_margin_*`` (midline posterior disc margin), ``herniation_landmark_*`` ({condition:
+point}: where the landmark of a herniation to create on this disc goes, ``geometry.herniation_landmark``), height,
+depth, label values;
 ``vertebrae[T12..S1]``: body centres; ``canal[level]``: ``area_mm2`` (thecal sac cross-section perpendicular to
 the canal, measured on the label map), ``ap_mm``, ``center_*`` (sac centre at the disc level);
 ``pathologies``: list of ``{condition, level, landmark_LPS_mm, landmark_RAS_mm, volume_mm3 (DH; None for CCS), ...}``
@@ -54,6 +56,7 @@ from scipy import ndimage
 
 from ..conditions import LEVELS, parse_condition, parse_level
 from ..errors import InputError
+from ..geometry import HERNIATION_CENTRE_MM, herniation_landmark
 from . import labels as _lab
 from .anatomy import build as _build_anatomy
 from .labels import LABELS
@@ -240,8 +243,11 @@ def _landmarks(anat, dhs, ccss, grid, lab, seed, sp, info):
         c = (x, float(g.c[0]), float(g.c[1]))
         pm = g.point(0.0, g.D / 2 + 0.8)
         pmp = (x, float(pm[0]), float(pm[1]))
+        hl = {k: herniation_landmark(pmp, c, k) for k in HERNIATION_CENTRE_MM}
         discs[lv] = {"center_LPS_mm": _r3(c), "center_RAS_mm": _r3(_lps_to_ras(c)),
                      "posterior_margin_LPS_mm": _r3(pmp), "posterior_margin_RAS_mm": _r3(_lps_to_ras(pmp)),
+                     "herniation_landmark_LPS_mm": {k: _r3(v) for k, v in hl.items()},
+                     "herniation_landmark_RAS_mm": {k: _r3(_lps_to_ras(v)) for k, v in hl.items()},
                      "height_mm": round(g.h_mid, 2), "depth_mm": round(g.D, 2),
                      "annulus_label": _lab.DISC_LABELS[lv][0], "nucleus_label": _lab.DISC_LABELS[lv][1]}
     vertebrae = {}
