@@ -26,7 +26,6 @@ Writes ``docs/results/c2st_bounds.json`` (``--out``) and prints a markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -131,6 +130,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from diagnostic_io import finish
     from model_training.benchmark.seeds import parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -140,11 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "c2st_bounds.json"))
     args = ap.parse_args(argv)
     res = run(parse_seeds(args.seeds), [c for c in args.conditions.split(",") if c], args.registry)
-    res["argv"] = ["python", "benchmarks/c2st_bounds.py", *(argv if argv is not None else sys.argv[1:])]
-    print(table(res))
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return finish(res, "c2st_bounds.py", argv, args.out, table)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -103,6 +102,7 @@ TEXT = (
 
 
 def main(argv=None) -> int:
+    from diagnostic_io import finish
     from model_training.benchmark.seeds import parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,11 +115,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = run(parse_seeds(args.seeds), [c for c in args.conditions.split(",") if c],
               [m for m in args.methods.split(",") if m], args.samples, args.registry)
-    res["argv"] = ["python", "benchmarks/landmark_placement.py", *(argv if argv is not None else sys.argv[1:])]
-    print(table(res))
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return finish(res, "landmark_placement.py", argv, args.out, table)
 
 
 if __name__ == "__main__":
