@@ -499,11 +499,18 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
 
 
 def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_path):
-    """The recipe trains DH at 8 mm and CCS at 16 mm unless --ldm-set sigma_mm overrides both; a weighted/masked
+    """The recipe trains DH at 8 mm and CCS at 16 mm unless --ldm-set sigma_mm overrides both (and DH 12000 steps,
+    CCS 6000, unless --ldm-steps / --ldm-set steps overrides both); a weighted/masked
     run folder trained with another sigma is refused (not resumed, not exported), a full one only records it."""
-    from model_training.demo_weights import FAMILY_SIGMA_MM, _check_run_sigma, family_sigma
+    from model_training.demo_weights import FAMILY_LDM_STEPS, FAMILY_SIGMA_MM, _check_run_sigma, family_sigma, \
+        family_steps
 
     assert FAMILY_SIGMA_MM == {"dh": 8.0, "ccs": 16.0}
+    # steps per family too, unless --ldm-steps / --ldm-set steps=N set one count for all
+    assert FAMILY_LDM_STEPS == {"dh": 12000, "ccs": 6000}
+    assert family_steps("dh", {"steps": 6000}) == 12000 and family_steps("ccs", {"steps": 6000}, []) == 6000
+    assert family_steps("dh", {"steps": 2}, 2) == 2 and family_steps("dh", {"steps": 7}, None, ["steps=7"]) == 7
+    assert family_steps("dh", {"steps": 6000}, None, ["sigma_mm=12"]) == 12000
     cfg = {"sigma_mm": 16.0}
     assert family_sigma("dh", cfg) == 8.0 and family_sigma("ccs", cfg, []) == 16.0
     assert family_sigma("dh", {"sigma_mm": 12.0}, ["sigma_mm=12"]) == 12.0
