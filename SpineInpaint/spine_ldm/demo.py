@@ -2,7 +2,8 @@
 
 1. Generate a healthy lumbar T2 phantom (seed 0) and write it as ``phantom_t2.nrrd``.
 2. Inpaint a moderate/large disc herniation at L4-L5 (landmark = the herniation's centre, 4 mm behind the posterior
-   disc margin: ``geometry.herniation_landmark``) and a severe central canal stenosis at L3-L4 with the three methods (weighted, masked, RePaint), one sample each (same seed).
+   disc margin: ``geometry.herniation_landmark``) and a severe central canal stenosis at L3-L4 with the three
+   methods (weighted, masked, RePaint), one sample each (same seed).
 3. Write every output NRRD (input grid, ``spine_ldm_*`` provenance) and ``comparison.png``: one row per case,
    columns input | weighted | masked | RePaint, the sagittal slice through the landmark (superior up, anterior
    left, the landmark marked), plus ``demo_summary.json``.
