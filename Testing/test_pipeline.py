@@ -299,6 +299,39 @@ def test_reconstruct_uses_the_inpaint_frame(case, registry, weighted2):
         np.testing.assert_allclose(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), rtol=1e-5, atol=1e-3)
 
 
+def test_decode_quantize_defaults_to_the_config_and_reaches_both_decodes(case, registry, weighted2):
+    """The sampled latent and the input's reference reconstruction are decoded the same way: as is by default
+    (``sampling.decode_quantize`` False), snapped to the codebook with ``decode_quantize=True``. The samples' latents
+    are the same either way, so only the decode differs."""
+    import torch
+
+    from spine_ldm.models.autoencoder import VQAutoencoder
+    from spine_ldm.models.config import load_config
+
+    assert load_config("small").sampling.decode_quantize is False
+    img, lm, disc = case
+    res, _, _ = weighted2
+    assert res.provenance["decode_quantize"] is False
+    kw = dict(samples=2, seed=3, steps=STEPS, device="cpu", disc_center_lps=disc, registry=registry)
+    snapped = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", decode_quantize=True, **kw)
+    assert snapped.provenance["decode_quantize"] is True
+    a, b = (sitk.GetArrayFromImage(r.fsu_reconstruction) for r in (res, snapped))
+    assert np.abs(a - b).max() > 1e-3
+    _, recon_q = pipeline.reconstruct(img, lm, "dh_moderate_large", disc_center_lps=disc, device="cpu",
+                                      registry=registry, decode_quantize=True)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(recon_q), b, rtol=1e-5, atol=1e-3)
+    # the snapped decode is the decoder of the nearest codes: decode(z, quantize=True) == decoder(codes)
+    ae = VQAutoencoder(load_config("small")).eval()
+    z = torch.randn(1, 3, 16, 16, 16)
+    with torch.inference_mode():
+        q = ae._quantize_eval(z / ae.latent_scale)
+        np.testing.assert_allclose(ae.decode(z, quantize=True), ae.decoder(q), atol=1e-6)
+        assert (ae.decode(z, quantize=False) - ae.decoder(q)).abs().max() > 1e-3
+    with pytest.raises(InputError, match="decode_quantize must be true or false, got 'yes'"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_small", steps=STEPS, device="cpu", disc_center_lps=disc,
+                         registry=registry, decode_quantize="yes")
+
+
 def _registry_with(tmp_path, registry, edit):
     """A copy of the test registry (same weight files) with ``edit(models_list)`` applied."""
     import shutil
@@ -322,6 +355,9 @@ def test_sigma_and_roi_default_to_the_models_training_values(case, registry, tmp
     kw = dict(steps=STEPS, device="cpu", disc_center_lps=disc, registry=reg2)
     res = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", **kw)
     assert res.provenance["sigma_mm"] == 12.0
+    assert pipeline.model_sigma(condition="dh_moderate_large", registry=reg2) == 12.0
+    assert pipeline.model_sigma("demo-small-masked", registry=reg2) == 12.0
+    assert pipeline.model_sigma(registry=registry) == pipeline.DEFAULT_SIGMA_MM == 16.0  # none recorded
     np.testing.assert_allclose(res.latent_weight.max(), 1.0, atol=0.1)
     masked = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", method="masked", **kw)
     assert masked.provenance["roi_threshold"] == 0.2

@@ -52,11 +52,11 @@ TEXT = (
 def case_variants(case, method: str = "weighted", registry=None) -> tuple[dict, float]:
     """({variant: pasted image}, sigma_mm) of one benchmark case (see the module docstring)."""
     from model_training.benchmark.run import compose
-    from spine_ldm import geometry, pipeline, registry as reg
+    from spine_ldm import geometry, pipeline
 
     H, P, lm, disc = case.healthy.image, case.truth.image, case.landmark, case.disc_center
     mid = pipeline.default_model_for(method, case.condition, registry)
-    sigma, _ = pipeline._model_sigma_roi(reg.resolve(mid, registry), None)
+    sigma = pipeline.model_sigma(mid, registry=registry)
     prov = {"sigma_mm": sigma, "paste_mode": "change"}
     fh, rh = pipeline.reconstruct(H, lm, case.condition, method, model=mid, disc_center_lps=disc, device="cpu",
                                   registry=registry)

@@ -85,6 +85,16 @@ def default_model_for(method: str, condition: str | None = None, registry=None) 
                             registry)
 
 
+def model_sigma(model: str | None = None, method: str = "weighted", condition: str | None = None,
+                registry=None) -> float:
+    """The Gaussian sigma (mm) :func:`inpaint` uses when none is given: the one ``model`` (default: the registry's
+    default model of ``method`` for ``condition``) was trained with, 16 mm when its registry entry records none."""
+    from .registry import resolve
+
+    mid = default_model_for(method, condition, registry) if model is None else model
+    return _model_sigma_roi(resolve(mid, registry), None)[0]
+
+
 PASTE_MODES = ("change", "blend")
 
 
@@ -229,12 +239,12 @@ def _fsu_around(img, landmark, disc, cfg):
 
 def reconstruct(image: sitk.Image | str | os.PathLike, landmark_lps, condition: str = "none",
                 method: str = "weighted", model: str | None = None, disc_center_lps=None, device: Any = "auto",
-                registry=None) -> tuple[sitk.Image, sitk.Image]:
+                registry=None, decode_quantize: bool | None = None) -> tuple[sitk.Image, sitk.Image]:
     """The autoencoder's reconstruction of the FSU that :func:`inpaint` would use for these arguments.
 
     Returns ``(fsu_input, fsu_reconstruction)`` on the same FSU frame, normalisation and autoencoder as
     :func:`inpaint` (input intensities, float32). With a pathological image this is what a perfect diffusion model
-    could at best produce (the benchmark's ceiling).
+    could at best produce (the benchmark's ceiling). ``decode_quantize`` as in :func:`inpaint`.
     """
     import torch
 
@@ -249,7 +259,8 @@ def reconstruct(image: sitk.Image | str | os.PathLike, landmark_lps, condition: 
     _, fsu, fsu_arr, norm = _fsu_around(img, landmark, disc, cfg)
     with torch.inference_mode():
         x = torch.from_numpy(np.asarray(norm.forward(fsu_arr), dtype=np.float32))[None, None].to(dev)
-        recon = autoencoder.decode(autoencoder.encode(x)).float().cpu().numpy()[0, 0]
+        recon = autoencoder.decode(autoencoder.encode(x), quantize=_decode_quantize(cfg, decode_quantize))
+        recon = recon.float().cpu().numpy()[0, 0]
     return fsu, _fsu_image(norm.inverse(recon.astype(np.float64)), fsu)
 
 
@@ -259,7 +270,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
             cancel: Callable[[], bool] | None = None, registry=None, batch_size: int | None = None,
             edge_taper_mm: float = EDGE_TAPER_MM, repaint_jump: int = 10,
             repaint_resample: int = 10, paste_mode: str = "change",
-            timestep_spacing: str | None = None) -> InpaintResult:
+            timestep_spacing: str | None = None, decode_quantize: bool | None = None) -> InpaintResult:
     """Inpaint ``condition`` at ``landmark_lps`` (LPS mm) into ``image``; K = ``samples`` variants.
 
     ``model``: registry id, model directory or zip; ``None`` = the registry's default model of ``method`` for
@@ -276,6 +287,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     ``sigma_mm`` None = the sigma the model was trained with (registry ``training.sigma_mm``, else 16 mm); a
     different explicit value warns once. The baselines' ROI threshold is the model's ``training.roi_threshold``
     (else 0.1). ``timestep_spacing`` None = the model config's ``sampling.spacing`` ("leading" | "trailing").
+    ``decode_quantize`` None = the model config's ``sampling.decode_quantize``: True snaps the sampled latent (and
+    the input's, for the reference reconstruction) to the VQ codebook before decoding.
     Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
     """
     import torch
@@ -326,6 +339,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     spacing = cfg.sampling.spacing if timestep_spacing is None else str(timestep_spacing)
     if spacing not in ("leading", "trailing"):
         raise InputError(f"timestep spacing {timestep_spacing!r} unknown; use leading or trailing")
+    quantize = _decode_quantize(cfg, decode_quantize)
     spec, fsu, fsu_arr, norm = _fsu_around(img, landmark, disc, cfg)
     lat_grid = geometry.latent_frame(fsu, cfg.latent_factors)
     w_lat = weighting.gaussian_weight(lat_grid, landmark, sigma_mm)  # (SI, AP, LR) latent numpy order
@@ -345,7 +359,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         x = torch.from_numpy(np.asarray(norm.forward(fsu_arr), dtype=np.float32))[None, None].to(dev)
         t0 = time.perf_counter()
         z0 = autoencoder.encode(x)
-        recon = autoencoder.decode(z0)
+        recon = autoencoder.decode(z0, quantize=quantize)
         timings["encode_decode_reference"] = time.perf_counter() - t0
         W = torch.from_numpy(w_lat)[None, None].to(dev)
 
@@ -373,7 +387,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         if cancel is not None and cancel():
             raise CancelledError("cancelled (nothing was written)")
         t0 = time.perf_counter()
-        decoded = torch.cat([autoencoder.decode(zK[i:i + 1]) for i in range(samples)], 0).float().cpu().numpy()
+        decoded = torch.cat([autoencoder.decode(zK[i:i + 1], quantize=quantize) for i in range(samples)], 0)
+        decoded = decoded.float().cpu().numpy()
         timings["decode"] = time.perf_counter() - t0
         recon_np = recon.float().cpu().numpy()[0, 0]
 
@@ -403,7 +418,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         "condition": condition, "device": describe(dev), "created": created, "input": source,
         "fsu_shape": list(spec.shape), "fsu_size_mm": list(spec.size_mm), "normalization": norm.to_dict(),
         "paste_threshold": PASTE_THRESHOLD, "edge_taper_mm": float(edge_taper_mm), "paste_mode": paste_mode,
-        "timestep_spacing": spacing,
+        "timestep_spacing": spacing, "decode_quantize": quantize,
     }
     if method == "repaint":
         base.update(repaint_jump=repaint["jump_length"], repaint_resample=repaint["jump_n_sample"])
@@ -414,6 +429,15 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
                          peak_memory_mb=float(pm.mb), provenances=provs, fsu_input=fsu, fsu_outputs=fsu_outs,
                          fsu_reconstruction=recon_img,
                          fsu_weight=w_fsu, latent_weight=w_lat, timings=timings)
+
+
+def _decode_quantize(cfg, value: bool | None) -> bool:
+    """The decode's codebook snapping: ``value``, else the model config's ``sampling.decode_quantize``."""
+    if value is None:
+        return bool(cfg.sampling.decode_quantize)
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"decode_quantize must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _fmt(p) -> str:

@@ -84,6 +84,7 @@ def settings_from_args(args) -> dict:
         "levels": _list(args.levels, parse=parse_level), "samples": int(args.samples), "steps": int(args.steps),
         "models": parse_models(args.models), "sigmas": sweep or [args.sigma_mm], "sweep": bool(sweep),
         "paste_mode": args.paste_mode, "repaint_resample": int(args.repaint_resample),
+        "decode_quantize": {None: None, "on": True, "off": False}[getattr(args, "decode_quantize", None)],
         "spacing": [float(v) for v in str(args.spacing).split(",")] if args.spacing else list(CS.PHANTOM_SPACING),
         "device": args.device, "registry": str(Path(args.registry).resolve()) if args.registry else None,
         "reader": args.reader, "features": args.features, "fid_slices": int(args.fid_slices),
@@ -111,7 +112,7 @@ def fingerprint(settings, reader_sha: str | None, condition: str | None = None) 
     that pathology's cases. Without it (the run's fingerprint, checked between cases) the bytes of the whole
     registry file: weights registered while the benchmark runs stop it."""
     keys = ("methods", "samples", "steps", "models", "paste_mode", "repaint_resample", "spacing", "features",
-            "fid_slices", "fid_samples")
+            "fid_slices", "fid_samples", "decode_quantize")
     if condition is None:
         reg = registry_file(settings)
         models = hashlib.sha256(reg.read_bytes()).hexdigest() if reg.is_file() else "none"
@@ -184,10 +185,11 @@ def compose(healthy, fsu, landmark, provenance: dict, reference_fsu):
                                reference_fsu=reference_fsu if mode == "change" else None)
 
 
-def reconstruct(image, landmark, level, condition, method, model_id, disc_center, device, registry):
-    """(FSU of ``image``, its autoencoder reconstruction) on the frame, normalisation and autoencoder ``inpaint``
-    uses: ``pipeline.reconstruct`` (falls back to a 1-step ``inpaint``'s ``fsu_reconstruction`` in a pipeline
-    without it)."""
+def reconstruct(image, landmark, level, condition, method, model_id, disc_center, device, registry,
+                decode_quantize=None):
+    """(FSU of ``image``, its autoencoder reconstruction) on the frame, normalisation, autoencoder and decode
+    (``decode_quantize``, None = the model's) ``inpaint`` uses: ``pipeline.reconstruct`` (falls back to a 1-step
+    ``inpaint``'s ``fsu_reconstruction`` in a pipeline without it)."""
     from spine_ldm import pipeline
 
     fn = getattr(pipeline, "reconstruct", None)
@@ -197,8 +199,11 @@ def reconstruct(image, landmark, level, condition, method, model_id, disc_center
         return r.fsu_input, r.fsu_reconstruction
     kw = dict(condition=condition, method=method, model=model_id, disc_center_lps=disc_center, device=device,
               registry=registry)
-    if "level" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    if "level" in params:
         kw["level"] = level
+    if decode_quantize is not None and "decode_quantize" in params:
+        kw["decode_quantize"] = bool(decode_quantize)
     return fn(image, landmark, **kw)
 
 
@@ -321,6 +326,8 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
             kw["sigma_mm"] = float(sigma)
         if s["paste_mode"]:
             kw["paste_mode"] = s["paste_mode"]
+        if s.get("decode_quantize") is not None:
+            kw["decode_quantize"] = s["decode_quantize"]
         if method == "repaint":
             kw["repaint_resample"] = s["repaint_resample"]
         tc = time.process_time()
@@ -341,9 +348,11 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
                                f"model_training.benchmark.run.compose must follow pipeline.inpaint")
         shas = prov.get("weights_sha256")
         ae = shas.get("autoencoder", mid) if isinstance(shas, dict) else mid
-        ckey = (ae, tuple(prov.get("fsu_shape", ())), tuple(prov.get("fsu_size_mm", ())), sig, mode)  # one per AE
+        ckey = (ae, tuple(prov.get("fsu_shape", ())), tuple(prov.get("fsu_size_mm", ())), sig, mode,
+                prov.get("decode_quantize"))  # one per AE and decode
         if ckey not in recon_cache:
-            _, recon_p = reconstruct(P, lm, case.level, case.condition, method, mid, disc, s["device"], s["registry"])
+            _, recon_p = reconstruct(P, lm, case.level, case.condition, method, mid, disc, s["device"], s["registry"],
+                                     prov.get("decode_quantize"))
             ceiling = compose(H, recon_p, lm, prov, recon_h)
             null = compose(H, recon_h, lm, prov, recon_h)
             c_arr, null_arr = nb.array(ceiling), nb.array(null)
@@ -599,6 +608,9 @@ def add_arguments(p) -> None:
     p.add_argument("--sigma-sweep", help="comma list of sigmas, e.g. 8,12,16,24,32: every case at each sigma")
     p.add_argument("--paste-mode", choices=("change", "blend"), default=None,
                    help="paste-back mode passed to the pipeline (default: the pipeline's default)")
+    p.add_argument("--decode-quantize", choices=("on", "off"), default=None,
+                   help="snap sampled latents to the VQ codebook before decoding (default: the model config's "
+                        "sampling.decode_quantize)")
     p.add_argument("--repaint-resample", type=int, default=DEFAULT_REPAINT_RESAMPLE,
                    help="RePaint resamplings (paper 10 = 410 network evaluations at 50 steps; default %(default)s = "
                         "210, to fit 20 seeds x 4 conditions in an hour on 2 CPU cores)")
