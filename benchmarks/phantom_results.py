@@ -27,6 +27,8 @@ CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
 #: diagnostic scripts run after the benchmark (benchmarks/<name>.py; "seeds": given --seeds, else their own)
 DIAGNOSTICS = {"c2st_bounds": "seeds", "landmark_placement": None}
 METHODS = ("weighted", "masked", "repaint")
+RUN_TITLES = {"snapped": "Paste mode `change`, sampled latents snapped to the VQ codebook before decoding "
+                         "(`--decode-quantize on`, Rombach et al.'s VQ-LDM decode; the default decodes them as is)"}
 
 
 def _rel(p: Path) -> str:
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-seeds", default="1000-1005", help="seeds of the sigma sweep ('' = no sweep)")
     ap.add_argument("--sweep", default="6,8,12,16,24")
     ap.add_argument("--sweep-conditions", default="dh_small,dh_moderate_large,ccs_severe")
+    ap.add_argument("--no-snapped", action="store_true",
+                    help="skip the weighted run that snaps sampled latents to the codebook (--decode-quantize on)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--figure-cases", type=int, default=3, help="case rows of the first paste mode's grids")
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
@@ -118,6 +122,11 @@ def main(argv=None) -> int:
                          ["--samples", str(args.samples), "--paste-mode", mode, *figs, *extra], args.jobs,
                          args.dry_run)
         runs[mode] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": f"phantom_{mode}"}
+    if not args.no_snapped:  # the default decode (the latent as is) against the VQ-LDM convention
+        cmd, sec = bench(out / "phantom_snapped", args.seeds,
+                         ["--samples", str(args.samples), "--paste-mode", "change", "--decode-quantize", "on",
+                          "--methods", "weighted", "--figure-cases", "0", *extra], args.jobs, args.dry_run)
+        runs["snapped"] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": "phantom_snapped"}
     if args.sweep_seeds:
         cmd, sec = bench(out / "sigma_sweep", args.sweep_seeds,
                          ["--samples", "2", "--methods", "weighted", "--conditions", args.sweep_conditions,
@@ -180,7 +189,8 @@ def write_readme(out: Path, runs: dict, summaries: dict, argv, diagnostics: dict
     for k, s in summaries.items():
         if k == "sigma_sweep":
             continue
-        lines += [f"## Paste mode `{k}` (mean [95 % CI over cases])", "", headline(s), "",
+        title = RUN_TITLES.get(k, f"Paste mode `{k}`")
+        lines += [f"## {title} (mean [95 % CI over cases])", "", headline(s), "",
                   f"![summary](./{runs[k]['folder']}/figures/summary.png)", ""]
         for c in CONDITIONS:
             if (out / runs[k]["folder"] / "figures" / f"{c}.png").is_file():
