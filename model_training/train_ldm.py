@@ -281,7 +281,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
             logger.scalars(done, {"loss": env.all_reduce_mean(tot), "lr": opt.param_groups[0]["lr"],
                                   "steps_per_s": (done - start) / max(time.time() - t0, 1e-9)})
         if img_every and done % img_every == 0 and env.is_main:
-            _log_images(logger, done, ema.shadow, ae, schedule, z0, level, cond, W, method)
+            _log_images(logger, done, ema.shadow, ae, schedule, z0, level, cond, W, method,
+                        quantize=model_cfg.sampling.decode_quantize)
         if done % ck_every == 0 or done == stop:
             if env.is_main:
                 logger.scalars(done, {"eval_loss": fixed_eval_loss(unet, schedule, *fixed, method, roi_thr),
@@ -347,8 +348,10 @@ def _checkpoint(out, env, step, unet, ema, opt, sched, scaler, cfg, model_cfg, m
 
 
 @torch.no_grad()
-def _log_images(logger, step, unet, ae, schedule, z0, level, cond, W, method, t: int = 500):
-    """x0-prediction of the EMA model from a single noising at t (weighted: per-voxel t_v) -> decoded grid."""
+def _log_images(logger, step, unet, ae, schedule, z0, level, cond, W, method, t: int = 500,
+                quantize: bool = False):
+    """x0-prediction of the EMA model from a single noising at t (weighted: per-voxel t_v) -> decoded grid (decoded
+    like the pipeline: ``quantize`` = the config's ``sampling.decode_quantize``)."""
     n = min(4, z0.shape[0])
     z0, level, cond, W = z0[:n], level[:n], cond[:n], W[:n]
     eps = torch.randn_like(z0)
@@ -359,5 +362,5 @@ def _log_images(logger, step, unet, ae, schedule, z0, level, cond, W, method, t:
              w=W if _w_channel(unet) else None)
     a = schedule.abar(tv, device=z0.device)
     x0 = torch.where(tv == 0, xt, (xt - (1 - a).sqrt() * e) / a.sqrt().clamp_min(1e-4))
-    logger.image_grid(step, f"ldm/{method}_input_vs_x0pred_t{t}", torch.cat([ae.decode(z0), ae.decode(x0)]).float(),
-                      nrow=n)
+    grid = torch.cat([ae.decode(z0, quantize=quantize), ae.decode(x0, quantize=quantize)]).float()
+    logger.image_grid(step, f"ldm/{method}_input_vs_x0pred_t{t}", grid, nrow=n)
