@@ -185,28 +185,6 @@ def compose(healthy, fsu, landmark, provenance: dict, reference_fsu):
                                reference_fsu=reference_fsu if mode == "change" else None)
 
 
-def reconstruct(image, landmark, level, condition, method, model_id, disc_center, device, registry,
-                decode_quantize=None):
-    """(FSU of ``image``, its autoencoder reconstruction) on the frame, normalisation, autoencoder and decode
-    (``decode_quantize``, None = the model's) ``inpaint`` uses: ``pipeline.reconstruct`` (falls back to a 1-step
-    ``inpaint``'s ``fsu_reconstruction`` in a pipeline without it)."""
-    from spine_ldm import pipeline
-
-    fn = getattr(pipeline, "reconstruct", None)
-    if fn is None:
-        r = pipeline.inpaint(image, landmark, level, condition, method=method, samples=1, steps=1,
-                             model=model_id, disc_center_lps=disc_center, device=device, registry=registry)
-        return r.fsu_input, r.fsu_reconstruction
-    kw = dict(condition=condition, method=method, model=model_id, disc_center_lps=disc_center, device=device,
-              registry=registry)
-    params = inspect.signature(fn).parameters
-    if "level" in params:
-        kw["level"] = level
-    if decode_quantize is not None and "decode_quantize" in params:
-        kw["decode_quantize"] = bool(decode_quantize)
-    return fn(image, landmark, **kw)
-
-
 # --------------------------------------------------------------------------- views for figures
 def views(image, case: CS.Case) -> dict:
     """Sagittal slice (columns anterior -> posterior, rows superior -> inferior) and axial reformat perpendicular
@@ -351,8 +329,10 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
         ckey = (ae, tuple(prov.get("fsu_shape", ())), tuple(prov.get("fsu_size_mm", ())), sig, mode,
                 prov.get("decode_quantize"))  # one per AE and decode
         if ckey not in recon_cache:
-            _, recon_p = reconstruct(P, lm, case.level, case.condition, method, mid, disc, s["device"], s["registry"],
-                                     prov.get("decode_quantize"))
+            # the truth's own reconstruction: the frame, normalisation, autoencoder and decode of the output
+            _, recon_p = pipeline.reconstruct(P, lm, case.condition, method, model=mid, disc_center_lps=disc,
+                                              device=s["device"], registry=s["registry"],
+                                              decode_quantize=prov.get("decode_quantize"))
             ceiling = compose(H, recon_p, lm, prov, recon_h)
             null = compose(H, recon_h, lm, prov, recon_h)
             c_arr, null_arr = nb.array(ceiling), nb.array(null)
