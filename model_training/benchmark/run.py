@@ -17,7 +17,6 @@ settings or the registry entries of the models its condition uses changed (``fin
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -125,11 +124,11 @@ def fingerprint(settings, reader_sha: str | None, condition: str | None = None) 
 def _models_digest(settings, condition: str) -> dict:
     """{method: the resolved registry entry (weights by sha256, no paths)} of the models a case of ``condition``
     runs."""
-    from spine_ldm import registry as reg
+    from spine_ldm import pipeline, registry as reg
 
     out = {}
     for m in settings["methods"]:
-        mid = settings["models"].get(m) or _default_model(m, condition, settings["registry"])
+        mid = settings["models"].get(m) or pipeline.default_model_for(m, condition, settings["registry"])
         e = reg.resolve(mid, settings["registry"])
         j = e.to_json()
         j["files"] = {k: f.sha256 for k, f in e.files.items()}
@@ -137,24 +136,15 @@ def _models_digest(settings, condition: str) -> dict:
     return out
 
 
-def _default_model(method: str, condition: str, registry):
-    from spine_ldm import pipeline
-
-    params = inspect.signature(pipeline.default_model_for).parameters
-    if "condition" in params:
-        return pipeline.default_model_for(method, condition, registry)
-    return pipeline.default_model_for(method)
-
-
 def models_in_play(settings) -> dict[str, object]:
     """{model id: registry entry} of every model the run can use (explicit --models, else the pipeline's default
     per method and condition)."""
-    from spine_ldm import registry as reg
+    from spine_ldm import pipeline, registry as reg
 
     out = {}
     for m in settings["methods"]:
         for c in settings["conditions"]:
-            mid = settings["models"].get(m) or _default_model(m, c, settings["registry"])
+            mid = settings["models"].get(m) or pipeline.default_model_for(m, c, settings["registry"])
             if mid not in out:
                 out[mid] = reg.resolve(mid, settings["registry"])
     return out
