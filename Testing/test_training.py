@@ -208,6 +208,58 @@ def test_encode_dataset_encodes_repeated_rows_once(manifest, ae_run):
         assert torch.equal(zr.z[i], zp.z[j]) and int(zr.condition[i]) == int(zp.condition[j])
 
 
+def test_condition_repeat_lists_one_condition_k_times(manifest, ae_run):
+    """condition_repeat {c: k} lists the rows of condition c k times (on top of pathology_repeat), the others once;
+    bad values are clear errors."""
+    from model_training.train_autoencoder import load_autoencoder
+
+    _, cfg, _ = load_autoencoder(ae_run)
+    kw = dict(split=None, cache_dir=manifest.parent / "cache")
+    plain = C.build_dataset(manifest, cfg, **kw)
+    n = {c: sum(r.condition == c for r in plain.rows) for c in ("none", "dh_moderate_large", "ccs_severe")}
+    assert n["dh_moderate_large"] > 0 and n["ccs_severe"] > 0
+    rep = C.build_dataset(manifest, cfg, condition_repeat={"dh_moderate_large": 3}, **kw)
+    got = {c: sum(r.condition == c for r in rep.rows) for c in n}
+    assert got == {**n, "dh_moderate_large": 3 * n["dh_moderate_large"]}
+    both = C.build_dataset(manifest, cfg, pathology_repeat=2, condition_repeat={"ccs_severe": 2}, **kw)
+    got = {c: sum(r.condition == c for r in both.rows) for c in n}
+    assert got == {"none": n["none"], "dh_moderate_large": 2 * n["dh_moderate_large"],
+                   "ccs_severe": 4 * n["ccs_severe"]}
+    assert C.parse_condition_repeat(None) == {} and C.parse_condition_repeat({"DH_small": 2}) == {"dh_small": 2}
+    with pytest.raises(InputError, match=r"condition_repeat\[dh_small\] must be an integer >= 1"):
+        C.parse_condition_repeat({"dh_small": 0})
+    with pytest.raises(InputError, match="must be a mapping"):
+        C.parse_condition_repeat("dh_small:2")
+    with pytest.raises(InputError, match="unknown"):
+        C.parse_condition_repeat({"dh_tiny": 2})
+
+
+def test_init_weights_starts_from_a_state_dict_and_is_recorded(manifest, ae_run, ldm_runs, tmp_path):
+    """init_weights: the U-Net starts from an exported (here float16) state dict instead of the random init (its
+    fixed-batch eval loss at step 0 equals that model's), run.json records the file's sha256; a state dict of
+    another shape is refused."""
+    from model_training.train_ldm import train_ldm
+
+    src = torch.load(ldm_runs["weighted"] / "unet.pt", weights_only=True)
+    half = tmp_path / "init.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in src.items()}, half)
+    kw = dict(manifest=manifest, device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+    train_ldm(_tiny(steps=1, checkpoint_every=1, eval_batch=4, init_weights=str(half)), "weighted", ae_run,
+              tmp_path / "ft", **kw)
+    train_ldm(_tiny(steps=1, checkpoint_every=1, eval_batch=4), "weighted", ae_run, tmp_path / "scratch", **kw)
+    ft, scratch = C.read_run_info(tmp_path / "ft"), C.read_run_info(tmp_path / "scratch")
+    assert ft["init_weights_sha256"] == C.file_sha256(half) and "init_weights_sha256" not in scratch
+    trained = C.read_run_info(ldm_runs["weighted"])
+    assert ft["eval_loss_initial"] != pytest.approx(scratch["eval_loss_initial"], rel=1e-3)
+    assert ft["eval_loss_initial"] == pytest.approx(trained["eval_loss_final_ema"], rel=1e-2)
+    bad = tmp_path / "bad.pt"
+    torch.save({k: v[..., :1].clone() if v.ndim > 1 else v for k, v in src.items()}, bad)
+    with pytest.raises(InputError, match="does not fit this U-Net config"):
+        train_ldm(_tiny(steps=1, init_weights=str(bad)), "weighted", ae_run, tmp_path / "bad", **kw)
+    with pytest.raises(InputError, match="is not a file"):
+        train_ldm(_tiny(steps=1, init_weights=str(tmp_path / "none.pt")), "weighted", ae_run, tmp_path / "n", **kw)
+
+
 def test_weighted_training_refuses_an_empty_selection(manifest, ae_run, tmp_path):
     from model_training.train_ldm import train_ldm
 

@@ -560,12 +560,15 @@ def default_cache_dir(manifest) -> Path:
 
 
 def build_dataset(manifest, model_cfg, split="train", conditions=None, require_landmark=False, augment=False,
-                  cache_dir=None, sigma_mm: float = 16.0, seed: int = 0, pathology_repeat: int = 1):
+                  cache_dir=None, sigma_mm: float = 16.0, seed: int = 0, pathology_repeat: int = 1,
+                  condition_repeat: dict | None = None):
     """FSUDataset over the selected manifest rows (raises InputError when the selection is empty).
 
     ``pathology_repeat`` > 1 lists every pathological row that many times (an epoch then sees it that often;
     each copy gets its own augmentation draw), e.g. so the autoencoder meets herniations often enough to encode
-    them."""
+    them. ``condition_repeat`` ({condition: k}, see :func:`parse_condition_repeat`) multiplies the rows of one
+    condition on top of that, e.g. ``{dh_small: 2}`` so a model of the herniation family meets the faint grade
+    twice as often as the large one."""
     from model_training.dataset import Augment, FSUDataset
     from model_training.manifest import read_manifest
 
@@ -575,6 +578,8 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
         raise InputError(f"pathology_repeat must be >= 1, got {pathology_repeat!r}")
     if k > 1:
         rows = rows + [r for r in rows if r.condition != "none"] * (k - 1)
+    for cond, kc in parse_condition_repeat(condition_repeat).items():
+        rows = rows + [r for r in rows if r.condition == cond] * (kc - 1)
     if not rows:
         what = f"split {split!r}" + (f", conditions {sorted(conditions)}" if conditions else "") + \
             (", with a landmark" if require_landmark else "")
@@ -582,6 +587,23 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
     cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
     aug = augment if (augment is not None and not isinstance(augment, bool)) else (Augment() if augment else None)
     return FSUDataset(rows, fsu_spec_for(model_cfg), cache, augment=aug, sigma_mm=sigma_mm, seed=seed)
+
+
+def parse_condition_repeat(value) -> dict[str, int]:
+    """``condition_repeat`` of a training config: a mapping {condition: k} (k an integer >= 1; YAML
+    ``{dh_small: 2}``, also ``--set 'condition_repeat={dh_small: 2}'``), or empty / None. Conditions are checked
+    with :func:`spine_ldm.conditions.parse_condition`; a bad value is an InputError naming it."""
+    if value in (None, "", {}):
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"condition_repeat must be a mapping condition -> k, e.g. {{dh_small: 2}}, got {value!r}")
+    out = {}
+    for c, k in value.items():
+        cond = parse_condition(str(c))
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"condition_repeat[{c}] must be an integer >= 1, got {k!r}")
+        out[cond] = int(k)
+    return out
 
 
 def latent_weight(landmark_index: torch.Tensor, model_cfg, sigma_mm: float) -> torch.Tensor:

@@ -12,6 +12,8 @@
 - W on the latent grid is the Gaussian (``sigma_mm``) around the landmark, computed in mm from the latent voxel
   centres (same geometry as ``spine_ldm.geometry.latent_frame``).
 - The loss is ``spine_ldm.diffusion.diffusion_loss(method=...)``: the same noising code as the samplers use.
+- ``condition_repeat: {dh_small: 2}`` lists one condition's FSUs k times (class balance within a family);
+  ``init_weights: PT`` starts from an exported U-Net state dict (fine-tuning; its sha256 goes into run.json).
 - AdamW + linear warm-up, gradient clipping and accumulation, AMP on CUDA, EMA, atomic checkpoints with resume.
   At the end ``RUN_DIR/unet.pt`` (EMA state dict) and ``RUN_DIR/run.json`` are written.
 """
@@ -184,7 +186,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
                                   require_landmark=method in ("weighted", "masked"),
                                   augment=bool(cfg.get("augment", False)) and not cfg.get("cache_latents", True),
                                   cache_dir=cache_dir, sigma_mm=sigma, seed=seed,
-                                  pathology_repeat=cfg.get("pathology_repeat", 1) if method == "full" else 1)
+                                  pathology_repeat=cfg.get("pathology_repeat", 1) if method == "full" else 1,
+                                  condition_repeat=cfg.get("condition_repeat"))
     if len(dataset) == 0:
         raise InputError(f"train-ldm --method {method}: the training set is empty")
 
@@ -204,6 +207,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
 
     schedule = NoiseSchedule.from_config(model_cfg)
     unet = build_unet(model_cfg).to(dev)
+    init_sha = _load_init_weights(unet, cfg.get("init_weights"))
     ema = C.EMA(unet, float(cfg.get("ema_decay", 0.999)))
     opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))),
                             weight_decay=float(cfg.get("weight_decay", 0.0)))
@@ -249,7 +253,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
                                "model_config": config_to_dict(model_cfg), "autoencoder": str(Path(ae_path).resolve()),
                                "autoencoder_sha256": ae_sha, "conditions": list(conds) if conds else list(CONDITIONS),
                                "world_size": env.world_size, "amp": amp_mode, "device": str(dev),
-                               "dataset_size": len(data), "status": "running"})
+                               "dataset_size": len(data), "status": "running",
+                               **({"init_weights_sha256": init_sha} if init_sha else {})})
     fixed = _fixed_batch(data, ae, model_cfg, sigma, dev, method, n=min(int(cfg.get("eval_batch", 8)), len(data)))
     if start == 0 and env.is_main:
         init_eval = fixed_eval_loss(unet, schedule, *fixed, method, roi_thr)
@@ -307,6 +312,30 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     env.barrier()
     logger.close()
     return final
+
+
+def _load_init_weights(unet, path) -> str | None:
+    """``init_weights``: start the U-Net (and so its EMA) from a state dict instead of the random initialisation,
+    e.g. to fine-tune an exported model (float16 tensors are cast to the model's dtype). A checkpoint of a resumed
+    run replaces it. Returns the file's sha256 (recorded in run.json), None without ``init_weights``."""
+    if not path:
+        return None
+    p = Path(str(path))
+    if not p.is_file():
+        raise InputError(f"init_weights {p} is not a file")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise InputError(f"init_weights {p} is not a state dict")
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        what = missing[:1] and f"missing {missing[0]!r}" or extra[:1] and f"unexpected {extra[0]!r}" or \
+            f"shape of {bad[0]!r} {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
+        raise InputError(f"init_weights {p} does not fit this U-Net config ({what})")
+    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    return C.file_sha256(p)
 
 
 def _fixed_batch(data, ae, model_cfg, sigma, dev, method, n: int = 8):
