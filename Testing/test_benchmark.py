@@ -182,3 +182,13 @@ def test_new_weights_for_one_pathology_recompute_only_its_cases(setup, tmp_path)
     assert again["dh_small"] != after["dh_small"] and again["dh_moderate_large"] != after["dh_moderate_large"]
     assert RN.fingerprint({**s, "samples": s["samples"] + 1}, rsha, "ccs_severe") != again["ccs_severe"]
     assert RN.fingerprint(s, None, "ccs_severe") != again["ccs_severe"]  # the reader counts too
+    # the model config's values count, not only its name: a changed default recomputes the cases
+    from spine_ldm.models import config as MC
+
+    real = MC.config_to_dict
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MC, "config_to_dict", lambda c: {**real(c), "sampling": {**real(c)["sampling"],
+                                                                            "decode_quantize": True}})
+        changed = {c: RN.fingerprint(s, rsha, c) for c in before}
+    assert all(changed[c] != again[c] for c in before)
+    assert {c: RN.fingerprint(s, rsha, c) for c in before} == again

@@ -122,9 +122,11 @@ def fingerprint(settings, reader_sha: str | None, condition: str | None = None) 
 
 
 def _models_digest(settings, condition: str) -> dict:
-    """{method: the resolved registry entry (weights by sha256, no paths)} of the models a case of ``condition``
-    runs."""
+    """{method: the resolved registry entry (weights by sha256, no paths) and the values of its model config} of the
+    models a case of ``condition`` runs: a changed config default (e.g. ``sampling.decode_quantize``) recomputes the
+    cases just as new weights do."""
     from spine_ldm import pipeline, registry as reg
+    from spine_ldm.models.config import config_to_dict
 
     out = {}
     for m in settings["methods"]:
@@ -132,6 +134,7 @@ def _models_digest(settings, condition: str) -> dict:
         e = reg.resolve(mid, settings["registry"])
         j = e.to_json()
         j["files"] = {k: f.sha256 for k, f in e.files.items()}
+        j["config_values"] = config_to_dict(reg.load_config_for(e))
         out[m] = j
     return out
 
