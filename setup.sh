@@ -14,7 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 if [ "$mode" = "--test" ]; then
-  .venv/bin/python -m pip install -q -e '.[train,serve,test]'
+  # the panel's pins (SpineInpaint/Resources/requirements.txt) as constraints: the tests run on the versions a
+  # Slicer user gets, and Testing/test_dependencies.py can check that list against their metadata
+  .venv/bin/python -m pip install -q -e '.[train,serve,test]' -c SpineInpaint/Resources/requirements.txt
   if command -v npm >/dev/null; then
     (cd SpineInpaint/spine_ldm/study/web && npm ci --no-audit --no-fund --loglevel=error)
   else

@@ -245,12 +245,26 @@ class QFileDialog:
         return QFileDialog.nextPath
 
 
+class QApplication:
+    """The override-cursor stack (``slicer.util.WaitCursor``): ``cursors`` is what is set now."""
+    cursors: list = []
+
+    @classmethod
+    def setOverrideCursor(cls, cursor):
+        cls.cursors.append(cursor)
+
+    @classmethod
+    def restoreOverrideCursor(cls):
+        cls.cursors.pop()
+
+
 def fakeQt():
     qt = types.ModuleType("qt")
     qt.QTimer, qt.QShortcut, qt.QFileDialog = QTimer, QShortcut, QFileDialog
+    qt.QApplication = type("QApplication", (QApplication,), {"cursors": []})  # a fresh stack per install
     qt.QKeySequence = lambda key: key
     qt.Qt = types.SimpleNamespace(ToolTipRole=3, StrongFocus=11, WidgetShortcut=0, WindowShortcut=1,
-                                  ApplicationShortcut=2, WidgetWithChildrenShortcut=3)
+                                  ApplicationShortcut=2, WidgetWithChildrenShortcut=3, WaitCursor=3)
     return qt
 
 

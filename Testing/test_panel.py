@@ -43,6 +43,11 @@ def gui(scene, monkeypatch, tmp_path):
     ui, errors = fake_slicer_gui.install(monkeypatch,
                                          MODULE_DIR / "Resources" / "UI" / "SpineInpaint.ui")
     monkeypatch.setattr(dependencies, "probeDevice", lambda *a, **k: dependencies.DeviceInfo(torch="2.13.0"))
+    # the panel's behaviour, not this environment's: the pins may differ from what is installed here (a newer
+    # uvicorn on a fresh CI setup); test_dependency_install_asks_and_runs_under_a_wait_cursor covers that path
+    monkeypatch.setattr(dependencies, "ensureTorch", lambda *a, **k: "2.13.0")
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a, **k: [])
+    monkeypatch.setattr(dependencies, "dependencyConflicts", lambda *a, **k: [])
     sys.modules.pop("SpineInpaint", None)
     import SpineInpaint
 
@@ -228,6 +233,46 @@ def test_apply_cancel_and_errors_never_block(gui, scene, tmp_path):
     pump(w)
     assert gui.errors[-1] == "Input problem: landmark (1, 2, 3) LPS is 41.0 mm outside the volume"
     assert scene.GetNumberOfNodes() == n_nodes
+
+
+def test_dependency_install_asks_and_runs_under_a_wait_cursor(gui, scene, tmp_path, monkeypatch):
+    """A missing pin: Apply asks first; No starts nothing, Yes installs (wait cursor on during, off after), then
+    starts; a conflict left after the install is one clear error and no job."""
+    import qt
+
+    w = gui.make()
+    ui = gui.ui
+    vol = make_volume_node(scene)
+    ui.inputVolumeSelector.setCurrentNode(vol)
+    ui.placeLandmarkButton.click()
+    w._parameterNode.landmark.AddControlPoint(vtk.vtkVector3d(*ras_of_ijk(vol, (12, 12, 4))))
+    ui.stepsSpinBox.value = 3
+    one_shot_backend(w, tmp_path, "ok")
+    missing, asked, installed, conflicts = ["uvicorn==0.54.0"], [], [], []
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a, **k: list(missing))
+    monkeypatch.setattr(dependencies, "dependencyConflicts", lambda *a, **k: list(conflicts))
+    monkeypatch.setattr(dependencies, "installRequirements",
+                        lambda *a, **k: installed.append(list(qt.QApplication.cursors)))
+    answer = [False]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda msg, *a, **k: asked.append(msg) or answer[0])
+
+    ui.applyButton.click()
+    assert "uvicorn==0.54.0" in asked[-1] and installed == [] and w.job is None
+    assert ui.statusLabel.text == "Cancelled: dependencies not installed." and ui.applyButton.enabled
+
+    answer[0] = True
+    n_before = len(volume_nodes(scene))
+    ui.applyButton.click()
+    assert installed == [[qt.Qt.WaitCursor]] and qt.QApplication.cursors == []  # restored after the install
+    pump(w)
+    assert w.job.state == "done", (w.job.message, gui.errors)
+    assert len(volume_nodes(scene)) == n_before + 1
+
+    conflicts.append("monai 1.6.1 needs torch>=2.8.0 (installed: 2.1.0)")
+    job = w.job
+    ui.applyButton.click()
+    assert w.job is job and gui.errors[-1] == "Could not start: monai 1.6.1 needs torch>=2.8.0 (installed: 2.1.0)"
+    assert qt.QApplication.cursors == [] and ui.applyButton.enabled
 
 
 def test_phantom_loads_in_the_background(gui, scene, monkeypatch):
