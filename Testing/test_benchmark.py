@@ -70,6 +70,7 @@ def test_files_and_columns(run):
         assert k in cell, k
     assert cell["n_outputs"] == 2 and cell["n_cases"] == 1 and cell["sigma_mm"] == [16.0]
     assert set(s["models"]) == {"demo-small-weighted", "demo-small-masked", "demo-small-full"}
+    assert s["meta"]["command"].startswith("python -m model_training benchmark-phantoms --seeds 1000 --out ")
     t1 = (out / "table1.md").read_text()
     assert "DH-mod/large" in t1 and "Weighted" in t1 and "C2ST AUC" in t1 and "C2ST ceiling" in t1
     assert "L4-L5" in (out / "table2.md").read_text()

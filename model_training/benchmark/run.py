@@ -543,7 +543,7 @@ def run_benchmark(settings: dict, out, log=print, report_only: bool = False, arg
                     f.result()
     run_seconds = time.time() - t0
     case_fps = {c: fingerprint(settings, _reader_sha(reader), c) for c in settings["conditions"]}
-    meta = {"command": "python -m model_training benchmark-phantoms " + " ".join(argv or []),
+    meta = {"command": "python -m model_training " + " ".join(argv or ["benchmark-phantoms"]),  # argv: the CLI's
             "fingerprint": fp, "case_fingerprints": case_fps, "run_seconds": round(run_seconds, 1),
             "platform": platform.platform(),
             "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
