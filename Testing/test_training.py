@@ -521,7 +521,7 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out" / "Models"
     reg = out.parent / "Models.json"
     r = subprocess.run([PY, "-m", "model_training", "make-demo-weights", "--work", str(work), "--out", str(out),
-                        "--n-studies", "4", "--ae-steps", "2", "--ldm-steps", "2", "--full-steps", "3", "--jobs", "2", "--cpu-bf16", "on",
+                        "--n-studies", "4", "--ae-steps", "2", "--ldm-steps", "2", "--full-steps", "3", "--finetune-steps", "2", "--jobs", "2", "--cpu-bf16", "on",
                         "--device", "cpu", "--quiet"], env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     timings = json.loads((work / "demo_timings.json").read_text())
@@ -536,8 +536,22 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
         fam = ("dh_small", "dh_moderate_large") if n.endswith("dh") else ("ccs_moderate", "ccs_severe")
         assert info["conditions"] == list(fam)
         assert info["train_config"]["sigma_mm"] == (8.0 if n.endswith("dh") else 16.0)  # FAMILY_SIGMA_MM
+    for m in ("weighted", "masked"):  # --finetune-steps: the herniation models' second stage, from the first's EMA
+        info = C.read_run_info(work / "runs" / f"{m}-dh-ft")
+        assert info["steps_done"] == 2 and info["train_config"]["condition_repeat"] == {"dh_small": 2}
+        assert info["init_weights_sha256"] == C.file_sha256(work / "runs" / f"{m}-dh" / "unet.pt")
+        assert f"{m}-dh-ft_s" in timings
+    assert not (work / "runs" / "full-dh-ft").exists() and not (work / "runs" / "weighted-ccs-ft").exists()
     ids = {e.id: e for e in R.list_models(str(reg))}
     assert set(ids) == {f"demo-small-{n}" for n in names}
+    for m in ("weighted", "masked"):
+        tr = R.training_info(ids[f"demo-small-{m}-dh"])
+        assert tr["steps"] == 4 and tr["finetune"] == {"first_stage_steps": 2, "steps": 2,
+                                                       "condition_repeat": {"dh_small": 2}}
+        unet = torch.load(ids[f"demo-small-{m}-dh"].files["unet"].local_path(), weights_only=True)
+        ft = torch.load(work / "runs" / f"{m}-dh-ft" / "unet.pt", weights_only=True)
+        assert all(torch.equal(unet[k], ft[k].half()) for k in ft if ft[k].is_floating_point())  # exported: stage 2
+    assert "finetune" not in R.training_info(ids["demo-small-weighted-ccs"])
     for i, e in ids.items():
         assert all(st.status == "ok" for st in R.verify(i, str(reg)).values())
         assert e.extra["default"] is True
@@ -563,6 +577,19 @@ def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_
     assert family_steps("dh", {"steps": 6000}) == 12000 and family_steps("ccs", {"steps": 6000}, []) == 6000
     assert family_steps("dh", {"steps": 2}, 2) == 2 and family_steps("dh", {"steps": 7}, None, ["steps=7"]) == 7
     assert family_steps("dh", {"steps": 6000}, None, ["sigma_mm=12"]) == 12000
+    # the second stage (FAMILY_FINETUNE): weighted / masked herniation models only; --finetune-steps 0 skips it
+    from model_training.demo_weights import FAMILY_FINETUNE, finetune_config
+
+    assert FAMILY_FINETUNE == {"dh": {"steps": 0, "condition_repeat": {"dh_small": 2}}}  # off: bundled = stage 1
+    base = {"sigma_mm": 8.0, "steps": 12000, "lr": 1e-3}
+    assert finetune_config("weighted", "dh", base, None, tmp_path / "unet.pt") is None
+    ft = finetune_config("weighted", "dh", base, 12000, tmp_path / "unet.pt")
+    assert ft == {**base, "steps": 12000, "condition_repeat": {"dh_small": 2}, "init_weights": str(tmp_path / "unet.pt")}
+    assert finetune_config("masked", "dh", base, 5)["steps"] == 5
+    assert finetune_config("full", "dh", base) is None and finetune_config("weighted", "ccs", base) is None
+    assert finetune_config("weighted", "dh", base, 0) is None
+    with pytest.raises(InputError, match="--finetune-steps must be >= 0"):
+        finetune_config("weighted", "dh", base, -1)
     cfg = {"sigma_mm": 16.0}
     assert family_sigma("dh", cfg) == 8.0 and family_sigma("ccs", cfg, []) == 16.0
     assert family_sigma("dh", {"sigma_mm": 12.0}, ["sigma_mm=12"]) == 12.0
