@@ -196,7 +196,7 @@ def main_demo(args) -> int:
     _run_jobs(todo, getattr(args, "jobs", 1), job_args, timings, log)
     # second stage: fine-tune the first stage's weights (FAMILY_FINETUNE), exported instead of it
     exported = {(m, fam): work / "runs" / f"{m}-{fam}" for m in methods for fam in families}
-    finetuned = {}
+    finetuned = {}  # (method, family) -> the exported entry's training record of the second stage
     todo = []
     for m in methods:
         for fam in families:
@@ -205,7 +205,11 @@ def main_demo(args) -> int:
             if cfg is None:
                 continue
             run = work / "runs" / f"{m}-{fam}-ft"
-            exported[(m, fam)], finetuned[(m, fam)] = run, cfg
+            first = int(cfg_for(m, fam)["steps"])
+            exported[(m, fam)] = run
+            finetuned[(m, fam)] = {"steps": first + int(cfg["steps"]),
+                                   "finetune": {"first_stage_steps": first, "steps": int(cfg["steps"]),
+                                                "condition_repeat": dict(cfg["condition_repeat"])}}
             if not _run_done(run, m, cfg):
                 todo.append((f"{m}-{fam}-ft", cfg, m, fam, run))
     _run_jobs(todo, getattr(args, "jobs", 1), job_args, timings, log)
@@ -224,18 +228,13 @@ def main_demo(args) -> int:
             what = {"weighted": "weighted noise schedule (Hansen et al.)", "masked": "masked-LDM baseline",
                     "full": "whole-FSU LDM for the RePaint baseline"}[m]
             mid = model_id(m, fam)
-            ft = finetuned.get((m, fam))
-            ft_record = {} if ft is None else {
-                "steps": int(cfg_for(m, fam)["steps"]) + int(ft["steps"]),
-                "finetune": {"first_stage_steps": int(cfg_for(m, fam)["steps"]), "steps": int(ft["steps"]),
-                             "condition_repeat": dict(ft["condition_repeat"])}}
             export_run(exported[(m, fam)], mid, registry, weights_dir=out, autoencoder_name=AE_NAME,
                        description=f"Demo (small config, CPU-trained on phantoms): {what}, "
                                    f"{' / '.join(FAMILIES[fam])}. Not for clinical or research conclusions.",
                        training_data=data_desc, license=LICENSE, half=not args.full_precision,
                        extra={"default": True},
                        training_extra={"phantom_seeds": seeds, "sigma_mm": cfg_for(m, fam)["sigma_mm"],
-                                       **ft_record})
+                                       **finetuned.get((m, fam), {})})
             log(f"[demo] exported {mid} -> {registry}")
     total = round(time.time() - t0, 1)
     C.atomic_write_text(work / "demo_timings.json", json.dumps({**timings, "total_s": total}, indent=2))
@@ -306,9 +305,9 @@ def _run_jobs(todo: list, jobs, job_args: tuple, timings: dict, log) -> None:
     """Train ``todo`` = [(name, cfg, method, family, run)] in this process (``jobs`` 1) or in ``jobs`` worker
     processes of one torch thread each (on a small CPU this beats one process with N threads); their seconds go
     into ``timings[name + '_s']``."""
-    jobs = max(1, min(int(jobs or 1), len(todo)))
     if not todo:
         return
+    jobs = max(1, min(int(jobs or 1), len(todo)))
     if jobs == 1:
         for name, cfg, m, fam, run in todo:
             timings[f"{name}_s"] = _train_ldm_job(cfg, m, FAMILIES[fam], str(run), *job_args)
