@@ -115,6 +115,7 @@ def _main(argv, capsys):
     ({"--model": "no-such-model"}, 3, "unknown model 'no-such-model'"),
     ({"--samples": "0"}, 2, "--samples must be >= 1"),
     ({"--landmark": "1,2"}, 2, "--landmark must be 3"),
+    ({"--guidance-scale": "2"}, 2, "trained without the healthy condition, so it cannot be guided"),
 ])
 def test_error_paths(setup, tmp_path, capsys, change, code, message):
     d, regp, inp, lm, disc = setup

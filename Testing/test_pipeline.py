@@ -332,6 +332,27 @@ def test_decode_quantize_defaults_to_the_config_and_reaches_both_decodes(case, r
                          registry=registry, decode_quantize="yes")
 
 
+def _condition_sensitive(registry_path, method: str) -> None:
+    """Give the ``method`` entry's U-Net non-zero output layers (MONAI zero-initialises them, so a random U-Net
+    predicts eps = 0 whatever its condition) and record the new sha256 in the registry."""
+    import hashlib
+
+    import torch
+
+    d = json.loads(registry_path.read_text())
+    m = next(m for m in d["models"] if m["method"] == method)
+    path = registry_path.parent / m["files"]["unet"]["path"]
+    sd = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():
+        if v.is_floating_point() and v.numel() > 1 and not v.any():
+            sd[k] = 0.05 * torch.randn(v.shape, generator=g)
+    path.unlink()  # the copy may share the file with the module's registry: write a new one
+    torch.save(sd, path)
+    m["files"]["unet"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    registry_path.write_text(json.dumps(d))
+
+
 def _registry_with(tmp_path, registry, edit):
     """A copy of the test registry (same weight files) with ``edit(models_list)`` applied."""
     import shutil
@@ -371,6 +392,48 @@ def test_sigma_and_roi_default_to_the_models_training_values(case, registry, tmp
         warnings.simplefilter("error")  # warned once: the second call is silent
         pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", sigma_mm=16, **kw)
         pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", sigma_mm=12, **kw)  # equal: no warning
+
+
+def test_guidance_defaults_to_the_model_and_needs_the_healthy_condition(case, registry, tmp_path):
+    """A model trained with healthy FSUs (training.healthy_fraction) samples with its registry guidance_scale by
+    default: provenance says so, nfe counts both halves of the doubled batch, and the output differs from the
+    scale-1 (unguided) output of the same seed inside the weighted region only. A model without the healthy
+    condition refuses a scale != 1."""
+    img, lm, disc = case
+    kw = dict(steps=STEPS, device="cpu", disc_center_lps=disc, seed=5)
+    base = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=registry, **kw)
+    assert base.provenance["guidance_scale"] == 1.0 and base.nfe == STEPS + 1
+    with pytest.raises(InputError, match="trained without the healthy condition, so it cannot be guided"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=registry, guidance_scale=2.0, **kw)
+
+    def edit(models):
+        for m in models:
+            if m["method"] == "weighted":
+                m["training"] = {"healthy_fraction": 0.2, "conditions": ["dh_moderate_large"]}
+                m["guidance_scale"] = 2.0
+
+    reg2 = _registry_with(tmp_path, registry, edit)
+    _condition_sensitive(reg2, "weighted")
+    base = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=reg2, guidance_scale=1, **kw)
+    guided = pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=reg2, **kw)
+    assert guided.provenance["guidance_scale"] == 2.0 and guided.nfe == 2 * (STEPS + 1)
+    a, b = (sitk.GetArrayFromImage(r.outputs[0]) for r in (base, guided))
+    assert not np.array_equal(a, b)
+    far = _far_mask(img, lm)
+    assert np.array_equal(a[far], b[far])  # guidance changes only the weighted region
+    assert base.provenance["guidance_scale"] == 1.0 and base.nfe == STEPS + 1
+    with pytest.raises(InputError, match="guidance scale must be between 0 and 20"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=reg2, guidance_scale=-1, **kw)
+    with pytest.raises(InputError, match="guidance scale must be a number"):
+        pipeline.inpaint(img, lm, "L4-L5", "dh_moderate_large", registry=reg2, guidance_scale="strong", **kw)
+    # a model whose conditions include healthy (the full models of RePaint) may be guided without the record
+    full = reg.ModelEntry(id="f", method="full", config="small", files={},
+                          extra={"training": {"conditions": ["none", "dh_small"]}})
+    assert pipeline.model_guidance(full, 1.5) == 1.5 and pipeline.model_guidance(full) == 1.0
+    only = reg.ModelEntry(id="p", method="weighted", config="small", files={},
+                          extra={"training": {"conditions": ["dh_small"]}, "guidance_scale": 3.0})
+    with pytest.raises(InputError, match="'p' was trained without the healthy condition"):
+        pipeline.model_guidance(only)  # a registry default that the model cannot honour is refused too
 
 
 def test_default_model_is_chosen_per_condition(case, registry, tmp_path):

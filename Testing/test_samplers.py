@@ -219,6 +219,39 @@ def test_samplers_with_small_unet(sched):
         unet_model_fn(unet, 0, 0)
 
 
+class _CondEcho(torch.nn.Module):
+    """eps = x * (1 + condition index) + w: records the batch size and condition indices of every call."""
+    w_channel = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, level_idx, cond_idx, w=None):
+        cond_idx = torch.as_tensor(cond_idx).reshape(-1).expand(x.shape[0])
+        self.calls.append((x.shape[0], cond_idx.tolist(), torch.as_tensor(t).reshape(-1).tolist(), w.shape[0]))
+        return x * (1.0 + cond_idx.float().view(-1, 1, 1, 1, 1)) + w
+
+
+def test_guidance_combines_conditional_and_healthy_in_one_doubled_call():
+    net = _CondEcho()
+    x = torch.randn(2, 3, 4, 4, 4)
+    w = torch.rand(1, 1, 4, 4, 4)
+    t = torch.tensor([500, 500])
+    plain = unet_model_fn(net, 3, 2, w=w)(x, t, None)
+    assert net.calls == [(2, [2, 2], [500, 500], 1)]
+    assert torch.allclose(plain, x * 3.0 + w)
+    net.calls.clear()
+    g = unet_model_fn(net, 3, 2, w=w, guidance_scale=2.5, null_cond_idx=0)(x, t, None)
+    assert net.calls == [(4, [2, 2, 0, 0], [500] * 4, 4)]  # one call on the doubled batch, healthy half last
+    e_cond, e_null = x * 3.0 + w, x * 1.0 + w
+    assert torch.allclose(g, e_null + 2.5 * (e_cond - e_null))
+    assert torch.allclose(unet_model_fn(net, 3, 2, w=w, guidance_scale=0.0)(x, t, None), e_null)
+    for bad in (-1.0, 25.0, float("nan")):
+        with pytest.raises(InputError, match="guidance scale must be between 0 and 20"):
+            unet_model_fn(net, 3, 2, w=w, guidance_scale=bad)
+
+
 # ------------------------------------------------------------------------------------------------ losses
 class TinyEps(torch.nn.Module):
     """Per-voxel linear noise predictor with a timestep input: enough to learn eps for a fixed z0."""

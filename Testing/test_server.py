@@ -167,10 +167,13 @@ def test_invalid_params_are_refused(make_client):
            ({**PARAMS, "landmark_lps": [1, 2]}, "3 numbers"),
            ({k: v for k, v in PARAMS.items() if k != "condition"}, "missing parameter 'condition'"),
            ({**PARAMS, "samples": "2"}, "integer"),
-           ({**PARAMS, "device": "tpu"}, "device")]
+           ({**PARAMS, "device": "tpu"}, "device"),
+           ({**PARAMS, "guidance_scale": "strong"}, "guidance_scale must be a finite number"),
+           ({**PARAMS, "guidance_scale": True}, "guidance_scale must be a finite number")]
     for params, msg in bad:
         r = submit(c, params=params)
         assert r.status_code == 422 and msg in r.json()["detail"], (params, r.json())
+    assert server.validate_params({**PARAMS, "guidance_scale": 2})["guidance_scale"] == 2  # a number passes
     r = c.post("/jobs", files={"params": (None, json.dumps(PARAMS))}, headers=AUTH)
     assert r.status_code == 422 and "image" in r.json()["detail"]
     r = c.post("/jobs", content=b"{}", headers={**AUTH, "Content-Type": "application/json"})

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from model_training import common as C
+from model_training import demo_weights as D
 from model_training.demo_weights import generate_phantom_rows
 from model_training.manifest import read_manifest, write_manifest
 from spine_ldm.errors import InputError, ModelError
@@ -232,6 +233,31 @@ def test_condition_repeat_lists_one_condition_k_times(manifest, ae_run):
         C.parse_condition_repeat("dh_small:2")
     with pytest.raises(InputError, match="unknown"):
         C.parse_condition_repeat({"dh_tiny": 2})
+
+
+def test_healthy_fraction_adds_healthy_rows_as_that_share(manifest, ae_run):
+    """healthy_fraction f adds healthy rows (a seeded draw, no repeats) so they are about f of a pathology
+    model's set; capped by the healthy rows there are; 0 adds none; bad values are clear errors."""
+    from model_training.train_autoencoder import load_autoencoder
+
+    _, cfg, _ = load_autoencoder(ae_run)
+    kw = dict(split=None, cache_dir=manifest.parent / "cache", conditions=("dh_moderate_large", "ccs_severe"))
+    plain = C.build_dataset(manifest, cfg, **kw)
+    n_path = len(plain.rows)
+    assert n_path > 0 and all(r.condition != "none" for r in plain.rows)
+    mixed = C.build_dataset(manifest, cfg, healthy_fraction=0.25, **kw)
+    healthy = [r for r in mixed.rows if r.condition == "none"]
+    assert mixed.rows[:n_path] == plain.rows
+    assert len(healthy) == round(0.25 / 0.75 * n_path) > 0 and len(set(map(id, healthy))) == len(healthy)
+    again = C.build_dataset(manifest, cfg, healthy_fraction=0.25, **kw)
+    assert [(r.study_id, r.level) for r in again.rows] == [(r.study_id, r.level) for r in mixed.rows]  # seeded
+    all_healthy = C.select_rows(read_manifest(manifest), None, ("none",))
+    capped = C.build_dataset(manifest, cfg, healthy_fraction=0.9, **kw)
+    assert sum(r.condition == "none" for r in capped.rows) == min(len(all_healthy), round(9 * n_path))
+    assert len(C.build_dataset(manifest, cfg, healthy_fraction=0.0, **kw).rows) == n_path
+    for bad in (-0.1, 0.95, "lots"):
+        with pytest.raises(InputError, match="healthy_fraction must be"):
+            C.build_dataset(manifest, cfg, healthy_fraction=bad, **kw)
 
 
 def test_init_weights_starts_from_a_state_dict_and_is_recorded(manifest, ae_run, ldm_runs, tmp_path):
@@ -546,8 +572,15 @@ def test_make_demo_weights_recipe_end_to_end_tiny(tmp_path):
     assert set(ids) == {f"demo-small-{n}" for n in names}
     for m in ("weighted", "masked"):
         tr = R.training_info(ids[f"demo-small-{m}-dh"])
+        spec = D.FAMILY_FINETUNE["dh"]
         assert tr["steps"] == 4 and tr["finetune"] == {"first_stage_steps": 2, "steps": 2,
-                                                       "condition_repeat": {"dh_small": 2}}
+                                                       "condition_repeat": {"dh_small": 2},
+                                                       "healthy_fraction": spec.get("healthy_fraction", 0.0)}
+        if spec.get("healthy_fraction", 0.0) > 0:  # the guided stage: the model learned healthy FSUs
+            assert tr["healthy_fraction"] == spec["healthy_fraction"]
+            assert ids[f"demo-small-{m}-dh"].extra["guidance_scale"] == spec["guidance_scale"]
+        else:
+            assert "guidance_scale" not in ids[f"demo-small-{m}-dh"].extra
         unet = torch.load(ids[f"demo-small-{m}-dh"].files["unet"].local_path(), weights_only=True)
         ft = torch.load(work / "runs" / f"{m}-dh-ft" / "unet.pt", weights_only=True)
         assert all(torch.equal(unet[k], ft[k].half()) for k in ft if ft[k].is_floating_point())  # exported: stage 2
@@ -578,18 +611,25 @@ def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_
     assert family_steps("dh", {"steps": 2}, 2) == 2 and family_steps("dh", {"steps": 7}, None, ["steps=7"]) == 7
     assert family_steps("dh", {"steps": 6000}, None, ["sigma_mm=12"]) == 12000
     # the second stage (FAMILY_FINETUNE): weighted / masked herniation models only; --finetune-steps 0 skips it
-    from model_training.demo_weights import FAMILY_FINETUNE, finetune_config
+    from model_training.demo_weights import FAMILY_FINETUNE, finetune_config, guidance_extra
 
     assert FAMILY_FINETUNE == {"dh": {"steps": 0, "condition_repeat": {"dh_small": 2}}}  # off: bundled = stage 1
     base = {"sigma_mm": 8.0, "steps": 12000, "lr": 1e-3}
     assert finetune_config("weighted", "dh", base, None, tmp_path / "unet.pt") is None
     ft = finetune_config("weighted", "dh", base, 12000, tmp_path / "unet.pt")
-    assert ft == {**base, "steps": 12000, "condition_repeat": {"dh_small": 2}, "init_weights": str(tmp_path / "unet.pt")}
+    assert ft == {**base, "steps": 12000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.0,
+                  "init_weights": str(tmp_path / "unet.pt")}
     assert finetune_config("masked", "dh", base, 5)["steps"] == 5
     assert finetune_config("full", "dh", base) is None and finetune_config("weighted", "ccs", base) is None
     assert finetune_config("weighted", "dh", base, 0) is None
     with pytest.raises(InputError, match="--finetune-steps must be >= 0"):
         finetune_config("weighted", "dh", base, -1)
+    assert guidance_extra("weighted", "dh", True) == {}  # the stage learned no healthy FSUs: unguided
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FAMILY_FINETUNE, "dh", {**FAMILY_FINETUNE["dh"], "healthy_fraction": 0.2, "guidance_scale": 2.5})
+        assert finetune_config("masked", "dh", base, 5)["healthy_fraction"] == 0.2
+        assert guidance_extra("weighted", "dh", True) == {"guidance_scale": 2.5}
+        assert guidance_extra("weighted", "dh", False) == {} and guidance_extra("full", "dh", True) == {}
     cfg = {"sigma_mm": 16.0}
     assert family_sigma("dh", cfg) == 8.0 and family_sigma("ccs", cfg, []) == 16.0
     assert family_sigma("dh", {"sigma_mm": 12.0}, ["sigma_mm=12"]) == 12.0

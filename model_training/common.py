@@ -561,14 +561,17 @@ def default_cache_dir(manifest) -> Path:
 
 def build_dataset(manifest, model_cfg, split="train", conditions=None, require_landmark=False, augment=False,
                   cache_dir=None, sigma_mm: float = 16.0, seed: int = 0, pathology_repeat: int = 1,
-                  condition_repeat: dict | None = None):
+                  condition_repeat: dict | None = None, healthy_fraction: float = 0.0):
     """FSUDataset over the selected manifest rows (raises InputError when the selection is empty).
 
     ``pathology_repeat`` > 1 lists every pathological row that many times (an epoch then sees it that often;
     each copy gets its own augmentation draw), e.g. so the autoencoder meets herniations often enough to encode
     them. ``condition_repeat`` ({condition: k}, see :func:`parse_condition_repeat`) multiplies the rows of one
     condition on top of that, e.g. ``{dh_small: 2}`` so a model of the herniation family meets the faint grade
-    twice as often as the large one."""
+    twice as often as the large one. ``healthy_fraction`` f in [0, 0.9] adds healthy rows of ``split`` (condition
+    none, with a landmark when ``require_landmark``) so that they make up about f of the result: a seeded draw
+    without replacement, capped by the healthy rows there are. A weighted / masked model trained so has the
+    healthy null condition that classifier-free guidance (``sampling.guidance_scale``) contrasts with."""
     from model_training.dataset import Augment, FSUDataset
     from model_training.manifest import read_manifest
 
@@ -580,6 +583,7 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
         rows = rows + [r for r in rows if r.condition != "none"] * (k - 1)
     for cond, kc in parse_condition_repeat(condition_repeat).items():
         rows = rows + [r for r in rows if r.condition == cond] * (kc - 1)
+    rows = rows + healthy_rows(manifest, split, healthy_fraction, len(rows), require_landmark, seed)
     if not rows:
         what = f"split {split!r}" + (f", conditions {sorted(conditions)}" if conditions else "") + \
             (", with a landmark" if require_landmark else "")
@@ -587,6 +591,29 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
     cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
     aug = augment if (augment is not None and not isinstance(augment, bool)) else (Augment() if augment else None)
     return FSUDataset(rows, fsu_spec_for(model_cfg), cache, augment=aug, sigma_mm=sigma_mm, seed=seed)
+
+
+def healthy_rows(manifest, split, fraction, n_other: int, require_landmark: bool, seed: int = 0) -> list:
+    """``healthy_fraction``'s rows: healthy rows of ``split`` so that they are about ``fraction`` of
+    ``n_other`` + their number (see :func:`build_dataset`); [] for fraction 0."""
+    import random
+
+    from model_training.manifest import read_manifest
+
+    try:
+        f = float(fraction or 0.0)
+    except (TypeError, ValueError):
+        raise InputError(f"healthy_fraction must be a number in [0, 0.9], got {fraction!r}") from None
+    if not 0.0 <= f <= 0.9:
+        raise InputError(f"healthy_fraction must be in [0, 0.9], got {fraction!r}")
+    if f == 0.0:
+        return []
+    pool = select_rows(read_manifest(manifest), split, ("none",), require_landmark)
+    if not pool:
+        raise InputError(f"healthy_fraction {f}: manifest {manifest} has no healthy FSUs in split {split!r}"
+                         + (" with a landmark" if require_landmark else ""))
+    n = min(len(pool), int(round(f / (1.0 - f) * n_other)))
+    return random.Random(int(seed)).sample(pool, n)
 
 
 def parse_condition_repeat(value) -> dict[str, int]:

@@ -209,7 +209,8 @@ def main_demo(args) -> int:
             exported[(m, fam)] = run
             finetuned[(m, fam)] = {"steps": first + int(cfg["steps"]),
                                    "finetune": {"first_stage_steps": first, "steps": int(cfg["steps"]),
-                                                "condition_repeat": dict(cfg["condition_repeat"])}}
+                                                "condition_repeat": dict(cfg["condition_repeat"]),
+                                                "healthy_fraction": cfg["healthy_fraction"]}}
             if not _run_done(run, m, cfg):
                 todo.append((f"{m}-{fam}-ft", cfg, m, fam, run))
     _run_jobs(todo, getattr(args, "jobs", 1), job_args, timings, log)
@@ -232,7 +233,7 @@ def main_demo(args) -> int:
                        description=f"Demo (small config, CPU-trained on phantoms): {what}, "
                                    f"{' / '.join(FAMILIES[fam])}. Not for clinical or research conclusions.",
                        training_data=data_desc, license=LICENSE, half=not args.full_precision,
-                       extra={"default": True},
+                       extra={"default": True, **guidance_extra(m, fam, (m, fam) in finetuned)},
                        training_extra={"phantom_seeds": seeds, "sigma_mm": cfg_for(m, fam)["sigma_mm"],
                                        **finetuned.get((m, fam), {})})
             log(f"[demo] exported {mid} -> {registry}")
@@ -290,7 +291,17 @@ def finetune_config(method: str, family: str, cfg: dict, steps=None, init_weight
     if n == 0:
         return None
     return {**cfg, "steps": n, "condition_repeat": dict(spec["condition_repeat"]),
+            "healthy_fraction": float(spec.get("healthy_fraction", 0.0)),
             "init_weights": None if init_weights is None else str(init_weights)}
+
+
+def guidance_extra(method: str, family: str, finetuned: bool) -> dict:
+    """The registry's ``guidance_scale`` of an exported model: :data:`FAMILY_FINETUNE`'s for a model of that second
+    stage trained with healthy FSUs (``healthy_fraction`` > 0), else nothing (the pipeline then samples unguided)."""
+    spec = FAMILY_FINETUNE.get(family) or {}
+    if not finetuned or method not in ("weighted", "masked") or not float(spec.get("healthy_fraction", 0.0)) > 0:
+        return {}
+    return {"guidance_scale": float(spec.get("guidance_scale", 1.0))}
 
 
 def _run_done(run: Path, method: str, cfg: dict) -> bool:

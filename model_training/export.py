@@ -99,6 +99,9 @@ def export_run(run_dir, model_id: str, registry, weights_dir=None, autoencoder_n
                         "conditions": info.get("conditions"), "sigma_mm": tc.get("sigma_mm"),
                         "roi_threshold": tc.get("roi_threshold"), "dataset_size": info.get("dataset_size"),
                         **(training_extra or {})}}
+    if float(tc.get("healthy_fraction") or 0.0) > 0 and info.get("method") != "full":
+        # the model learned the healthy null condition: pipeline.model_guidance allows a guidance scale
+        ext["training"]["healthy_fraction"] = float(tc["healthy_fraction"])
     if half_err is not None:
         ext["training"]["float16_rel_rms"] = float(f"{half_err:.3g}")
     ext.update(extra or {})

@@ -13,6 +13,9 @@
   centres (same geometry as ``spine_ldm.geometry.latent_frame``).
 - The loss is ``spine_ldm.diffusion.diffusion_loss(method=...)``: the same noising code as the samplers use.
 - ``condition_repeat: {dh_small: 2}`` lists one condition's FSUs k times (class balance within a family);
+  ``healthy_fraction: f`` (weighted / masked) adds healthy FSUs (condition none, at their posterior-margin
+  landmark) as about f of the set: the null condition of classifier-free guidance, which then contrasts the
+  pathology with healthy anatomy (the paper has no guidance and trains on pathological FSUs only: f = 0);
   ``init_weights: PT`` starts from an exported U-Net state dict (fine-tuning; its sha256 goes into run.json).
 - AdamW + linear warm-up, gradient clipping and accumulation, AMP on CUDA, EMA, atomic checkpoints with resume.
   At the end ``RUN_DIR/unet.pt`` (EMA state dict) and ``RUN_DIR/run.json`` are written.
@@ -187,7 +190,8 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
                                   augment=bool(cfg.get("augment", False)) and not cfg.get("cache_latents", True),
                                   cache_dir=cache_dir, sigma_mm=sigma, seed=seed,
                                   pathology_repeat=cfg.get("pathology_repeat", 1) if method == "full" else 1,
-                                  condition_repeat=cfg.get("condition_repeat"))
+                                  condition_repeat=cfg.get("condition_repeat"),
+                                  healthy_fraction=cfg.get("healthy_fraction", 0.0) if method != "full" else 0.0)
     if len(dataset) == 0:
         raise InputError(f"train-ldm --method {method}: the training set is empty")
 

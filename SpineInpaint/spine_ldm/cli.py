@@ -180,7 +180,7 @@ def _cmd_inpaint(args, em: _Emitter) -> int:
                               disc_center_lps=disc, progress=lambda s, t: em.progress(s, t, "sample"),
                               registry=args.registry, edge_taper_mm=args.edge_taper_mm,
                               repaint_jump=args.repaint_jump, repaint_resample=args.repaint_resample,
-                              paste_mode=args.paste_mode)
+                              paste_mode=args.paste_mode, guidance_scale=args.guidance_scale)
     with _interrupts_deferred() as interrupted:
         paths = pipeline.write_outputs(result, out, inputs=[args.image], cancel=interrupted.is_set)
         em.event(event="done", outputs=[str(p) for p in paths], nfe=result.nfe, seconds=round(result.seconds, 3),
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change (default): add only the model's change (decoded sample minus the autoencoder's "
                         "reconstruction of the input) with weight W, so untouched anatomy keeps the scan's detail; "
                         "blend: the paper's W * decoded + (1 - W) * input")
+    q.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance against the healthy condition (default: the model's own; "
+                        "1 = none; >1 draws the pathology more strongly, 2 network evaluations per step)")
     q.add_argument("--edge-taper-mm", type=float, default=5.0,
                    help="paste-back weight ramps to 0 over this distance inside the FSU faces (0: plain W)")
     q.add_argument("--repaint-jump", type=int, default=10, help="RePaint jump length (default 10, as in RePaint)")

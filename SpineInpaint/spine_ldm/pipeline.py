@@ -207,6 +207,28 @@ def _model_sigma_roi(entry, sigma_mm: float | None) -> tuple[float, float]:
     return float(sigma_mm), roi
 
 
+def model_guidance(entry, guidance_scale: float | None = None) -> float:
+    """The classifier-free guidance scale for a model: ``guidance_scale``, else the entry's ``guidance_scale``
+    (1 = none when it records none). A scale != 1 needs a model that learned the healthy condition (registry
+    ``training.healthy_fraction`` > 0, or "none" among ``training.conditions`` as for the full models): otherwise
+    its healthy prediction is an untrained embedding, and that is an InputError."""
+    from .registry import training_info
+
+    value = entry.extra.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"guidance scale must be a number, got {value!r}") from None
+    if not (np.isfinite(scale) and 0.0 <= scale <= 20.0):
+        raise InputError(f"guidance scale must be between 0 and 20, got {value!r}")
+    info = training_info(entry)
+    knows_healthy = float(info.get("healthy_fraction") or 0.0) > 0 or "none" in (info.get("conditions") or ())
+    if scale != 1.0 and not knows_healthy:
+        raise InputError(f"model {entry.id!r} was trained without the healthy condition, so it cannot be guided; "
+                         f"use guidance scale 1 (got {scale:g})")
+    return scale
+
+
 def _input_and_disc(image, landmark, condition, disc_center_lps):
     """(validated image, its name, disc centre LPS, whether the centre was estimated); both points inside."""
     from . import geometry
@@ -270,7 +292,8 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
             cancel: Callable[[], bool] | None = None, registry=None, batch_size: int | None = None,
             edge_taper_mm: float = EDGE_TAPER_MM, repaint_jump: int = 10,
             repaint_resample: int = 10, paste_mode: str = "change",
-            timestep_spacing: str | None = None, decode_quantize: bool | None = None) -> InpaintResult:
+            timestep_spacing: str | None = None, decode_quantize: bool | None = None,
+            guidance_scale: float | None = None) -> InpaintResult:
     """Inpaint ``condition`` at ``landmark_lps`` (LPS mm) into ``image``; K = ``samples`` variants.
 
     ``model``: registry id, model directory or zip; ``None`` = the registry's default model of ``method`` for
@@ -289,6 +312,9 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     (else 0.1). ``timestep_spacing`` None = the model config's ``sampling.spacing`` ("leading" | "trailing").
     ``decode_quantize`` None = the model config's ``sampling.decode_quantize``: True snaps the sampled latent (and
     the input's, for the reference reconstruction) to the VQ codebook before decoding.
+    ``guidance_scale`` None = the model's registry ``guidance_scale`` (1 when it records none): s != 1 is
+    classifier-free guidance against the healthy condition, ``eps_healthy + s (eps - eps_healthy)`` (2 network
+    evaluations per step); only for a model that learned the healthy condition (:func:`model_guidance`).
     Raises InputError / ModelError / DeviceError / CancelledError with one-line messages.
     """
     import torch
@@ -336,6 +362,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     timings["load_model"] = time.perf_counter() - t0
 
     sigma_mm, roi_threshold = _model_sigma_roi(entry, sigma_mm)
+    guidance = model_guidance(entry, guidance_scale)
     spacing = cfg.sampling.spacing if timestep_spacing is None else str(timestep_spacing)
     if spacing not in ("leading", "trailing"):
         raise InputError(f"timestep spacing {timestep_spacing!r} unknown; use leading or trailing")
@@ -376,7 +403,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
                         progress(_c * total + int(step), n_chunks * total)
 
                 z, nfe = _sample(method, unet, schedule, z0, W, [seeds[k] for k in ks], steps, lvl, cnd, dev,
-                                 prog, cancel, cfg.sampling.sampler, repaint, roi_threshold, spacing)
+                                 prog, cancel, cfg.sampling.sampler, repaint, roi_threshold, spacing, guidance)
                 zs.append(z)
                 nfe_total = nfe  # network evaluations per sample chain (the same for every chunk)
             return torch.cat(zs, 0), nfe_total
@@ -418,7 +445,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
         "condition": condition, "device": describe(dev), "created": created, "input": source,
         "fsu_shape": list(spec.shape), "fsu_size_mm": list(spec.size_mm), "normalization": norm.to_dict(),
         "paste_threshold": PASTE_THRESHOLD, "edge_taper_mm": float(edge_taper_mm), "paste_mode": paste_mode,
-        "timestep_spacing": spacing, "decode_quantize": quantize,
+        "timestep_spacing": spacing, "decode_quantize": quantize, "guidance_scale": guidance,
     }
     if method == "repaint":
         base.update(repaint_jump=repaint["jump_length"], repaint_resample=repaint["jump_n_sample"])
@@ -454,27 +481,30 @@ def _sampler_name(method: str, cfg) -> str:
 
 
 def _sample(method, unet, schedule, z0, W, seeds, steps, lvl, cnd, dev, progress, cancel, sampler="plms",
-            repaint=None, roi_threshold=ROI_THRESHOLD, spacing="trailing"):
+            repaint=None, roi_threshold=ROI_THRESHOLD, spacing="trailing", guidance_scale: float = 1.0):
     """Run the sampler of ``method`` for len(seeds) samples; returns (latents (B, C, ...), nfe).
 
     Each sample gets its own CPU generator seeded with its seed. Samplers that accept a list of per-sample
     generators get the whole batch at once; otherwise the samples run one after another (same numbers, slower).
+    ``guidance_scale`` != 1: classifier-free guidance against the healthy condition
+    (:func:`diffusion.unet_model_fn`); nfe then counts both evaluations of each call.
     """
     import torch
 
     from . import diffusion
     from .device import autocast
 
-    use_w = bool(getattr(unet, "w_channel", False))
+    guided = float(guidance_scale) != 1.0
 
     def model_fn_for(b):
         lvl_t = torch.full((b,), lvl, dtype=torch.long, device=dev)
         cnd_t = torch.full((b,), cnd, dtype=torch.long, device=dev)
-        Wb = W.expand(b, *W.shape[1:])
+        inner = diffusion.unet_model_fn(unet, lvl_t, cnd_t, w=W.expand(b, *W.shape[1:]),
+                                        guidance_scale=guidance_scale, null_cond_idx=condition_index("none"))
 
         def model_fn(x, t, t_voxel):
             with autocast(dev):
-                return unet(x, t, lvl_t, cnd_t, w=Wb if use_w else None).float()
+                return inner(x, t, t_voxel).float()
 
         return model_fn
 
@@ -484,16 +514,19 @@ def _sample(method, unet, schedule, z0, W, seeds, steps, lvl, cnd, dev, progress
         kw = dict(steps=steps, generator=generator, schedule=schedule, progress=prog, cancel=cancel, spacing=spacing)
         fn = model_fn_for(b)
         if method == "weighted":
-            return diffusion.sample_weighted(fn, zb, Wb, sampler=sampler, **kw)
-        if method == "masked":
-            return diffusion.sample_masked(fn, zb, Wb > roi_threshold, sampler=sampler, **kw)
-        return diffusion.sample_repaint(fn, zb, Wb > roi_threshold, **(repaint or {}), **kw)
+            x, info = diffusion.sample_weighted(fn, zb, Wb, sampler=sampler, **kw)
+        elif method == "masked":
+            x, info = diffusion.sample_masked(fn, zb, Wb > roi_threshold, sampler=sampler, **kw)
+        else:
+            x, info = diffusion.sample_repaint(fn, zb, Wb > roi_threshold, **(repaint or {}), **kw)
+        # a guided call evaluates the U-Net on the conditional and the healthy half of a doubled batch
+        return x, {**info, "nfe": int(info["nfe"]) * (2 if guided else 1)}
 
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    if len(gens) == 1 and dev.type == "cpu" and _LIST_GENERATORS.get(method, True):
+    if len(gens) == 1 and dev.type == "cpu" and not guided and _LIST_GENERATORS.get(method, True):
         # Batch-1 3D convolutions hit a slow CPU path (~1.8x slower per step than batch 2 for the small U-Net), so
         # one sample runs as a batch of two: lane 0 has the sample's own generator (same random numbers as alone),
-        # lane 1 is a discarded twin with the same seed.
+        # lane 1 is a discarded twin with the same seed. (Guidance already doubles the U-Net's batch.)
         try:
             z, nfe = _unpack(call(2, [gens[0], torch.Generator(device="cpu").manual_seed(int(seeds[0]))], progress))
             return z[:1], nfe

@@ -14,7 +14,7 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``; 401 other
     DELETE /jobs/{id}               cancel a queued/running job, or forget a finished one (deletes its files)
 
 ``params`` are :func:`~spine_ldm.pipeline.inpaint` keyword arguments: ``landmark_lps`` (LPS mm), ``level``,
-``condition`` (required), ``method``, ``samples``, ``seed``, ``steps``, ``sigma_mm``, ``device``, ``model`` (one
+``condition`` (required), ``method``, ``samples``, ``seed``, ``steps``, ``sigma_mm``, ``guidance_scale``, ``device``, ``model`` (one
 of the ids ``GET /models`` lists: clients cannot make the server load files), ``disc_center_lps``. Unknown keys,
 non-finite numbers (NaN, Infinity) and unregistered models are refused (422), and so is an uploaded volume whose
 header claims more voxels than the limit (env ``SPINE_LDM_MAX_VOXELS``) or more data than the file holds.
@@ -62,7 +62,7 @@ MAX_FINISHED = 32
 RESULT_TTL_S = 3600.0
 ALLOWED_SUFFIXES = (".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
 PARAM_KEYS = {"landmark_lps", "level", "condition", "method", "samples", "seed", "steps", "sigma_mm", "device",
-              "model", "disc_center_lps"}
+              "model", "disc_center_lps", "guidance_scale"}
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -104,8 +104,9 @@ def validate_params(params: Any) -> dict:
     for key in ("samples", "seed", "steps"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
             raise ParamError(f"{key} must be an integer, got {out[key]!r}")
-    if "sigma_mm" in out and not _finite(out["sigma_mm"]):
-        raise ParamError(f"sigma_mm must be a finite number, got {out['sigma_mm']!r}")
+    for key in ("sigma_mm", "guidance_scale"):
+        if out.get(key) is not None and not _finite(out[key]):
+            raise ParamError(f"{key} must be a finite number, got {out[key]!r}")
     if out.get("model") is not None and (not isinstance(out["model"], str) or not _MODEL_ID.match(out["model"])):
         raise ParamError(f"model must be a registry id (letters, digits, '.', '_', '-'), got {out['model']!r}")
     if "device" in out and (not isinstance(out["device"], str) or not _DEVICES.match(out["device"])):

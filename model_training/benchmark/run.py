@@ -89,7 +89,7 @@ def settings_from_args(args) -> dict:
         "reader": args.reader, "features": args.features, "fid_slices": int(args.fid_slices),
         "fid_samples": int(args.fid_samples), "save_volumes": bool(args.save_volumes),
         "figure_cases": int(args.figure_cases), "jobs": max(1, int(args.jobs)), "threads": int(args.threads),
-        "n_boot": int(args.n_boot),
+        "n_boot": int(args.n_boot), "guidance_scale": getattr(args, "guidance_scale", None),
     }
     if not 1 <= s["samples"] <= 64:
         raise InputError(f"--samples must be 1..64, got {s['samples']}")
@@ -117,7 +117,10 @@ def fingerprint(settings, reader_sha: str | None, condition: str | None = None) 
         models = hashlib.sha256(reg.read_bytes()).hexdigest() if reg.is_file() else "none"
     else:
         models = _models_digest(settings, condition)
-    blob = json.dumps({**{k: settings[k] for k in keys}, "reader": reader_sha, "registry": models}, sort_keys=True)
+    # guidance only when set, so the fingerprints of runs without it stay what they were
+    g = settings.get("guidance_scale")
+    blob = json.dumps({**{k: settings[k] for k in keys}, **({"guidance_scale": g} if g is not None else {}),
+                       "reader": reader_sha, "registry": models}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -301,6 +304,8 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
             kw["decode_quantize"] = s["decode_quantize"]
         if method == "repaint":
             kw["repaint_resample"] = s["repaint_resample"]
+        elif s.get("guidance_scale") is not None:
+            kw["guidance_scale"] = s["guidance_scale"]
         tc = time.process_time()
         res = pipeline.inpaint(H, lm, case.level, case.condition, method=method, samples=s["samples"],
                                seed=(case.seed * 1000) % (2 ** 62), steps=s["steps"], device=s["device"],
@@ -584,6 +589,8 @@ def add_arguments(p) -> None:
     p.add_argument("--decode-quantize", choices=("on", "off"), default=None,
                    help="snap sampled latents to the VQ codebook before decoding (default: the model config's "
                         "sampling.decode_quantize)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale for the weighted / masked models (default: each model's own)")
     p.add_argument("--repaint-resample", type=int, default=DEFAULT_REPAINT_RESAMPLE,
                    help="RePaint resamplings (paper 10 = 410 network evaluations at 50 steps; default %(default)s = "
                         "210, to fit 20 seeds x 4 conditions in an hour on 2 CPU cores)")

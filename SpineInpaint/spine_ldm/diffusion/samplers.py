@@ -49,14 +49,39 @@ from .steps import ddim_step, ddpm_step, plms_eps, renoise
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None) -> ModelFn:
-    """Adapt a :class:`ConditionalUNet` to the sampler callable; ``w`` is passed only to W-channel U-Nets."""
+def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                  null_cond_idx: int = 0) -> ModelFn:
+    """Adapt a :class:`ConditionalUNet` to the sampler callable; ``w`` is passed only to W-channel U-Nets.
+
+    ``guidance_scale`` s != 1: classifier-free guidance (Ho & Salimans 2022) against the null condition
+    ``null_cond_idx`` (0 = healthy): ``eps = eps_null + s (eps_cond - eps_null)``, both from one U-Net call on the
+    doubled batch (2 network evaluations per call). s = 1 is the plain conditional prediction (one evaluation)."""
     use_w = bool(getattr(unet, "w_channel", False))
     if use_w and w is None:
         raise InputError("this U-Net has a W input channel: pass w (the per-voxel weight on the latent grid)")
+    scale = float(guidance_scale)
+    if not (scale == scale and 0.0 <= scale <= 20.0):
+        raise InputError(f"guidance scale must be between 0 and 20, got {guidance_scale!r}")
 
     def fn(x, t_global, t_voxel):
-        return unet(x, t_global, level_idx, cond_idx, w=w if use_w else None)
+        if scale == 1.0:
+            return unet(x, t_global, level_idx, cond_idx, w=w if use_w else None)
+        b = x.shape[0]
+
+        def per_sample(v):
+            v = torch.as_tensor(v, device=x.device).long().reshape(-1)
+            return v.expand(b) if v.numel() == 1 else v
+
+        t, lvl, cnd = per_sample(t_global), per_sample(level_idx), per_sample(cond_idx)
+        ww = None
+        if use_w:
+            ww = torch.as_tensor(w, device=x.device)
+            ww = ww.expand(b, *ww.shape[1:]) if ww.shape[0] == 1 else ww
+            ww = torch.cat([ww, ww])
+        e = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([lvl, lvl]),
+                 torch.cat([cnd, torch.full_like(cnd, int(null_cond_idx))]), w=ww).float()
+        e_cond, e_null = e[:b], e[b:]
+        return e_null + scale * (e_cond - e_null)
 
     return fn
 
