@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default="", help="more benchmark-phantoms options, e.g. '--repaint-resample 10'")
     ap.add_argument("--no-diagnostics", action="store_true",
                     help="skip the diagnostic scripts (benchmarks/c2st_bounds.py, benchmarks/landmark_placement.py)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the runs and diagnostics of the existing results.json that this invocation does not "
+                         "rerun (e.g. only the headline run after new weights; the Models table then says which "
+                         "run measured which weights)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--readme-only", action="store_true",
                     help="rewrite README.md from the runs recorded in results.json (no benchmark runs)")
@@ -115,7 +119,9 @@ def main(argv=None) -> int:
         summaries = {k: json.loads((out / v["folder"] / "summary.json").read_text()) for k, v in runs.items()}
         write_readme(out, runs, summaries, rec.get("argv", []), rec.get("diagnostics"))
         return 0
-    runs = {}
+    kept = json.loads((out / "results.json").read_text()) if args.keep_others and \
+        (out / "results.json").is_file() else {}
+    runs = dict(kept.get("runs", {}))
     for i, mode in enumerate(m.strip() for m in args.paste_modes.split(",") if m.strip()):
         figs = ["--figure-cases", str(args.figure_cases if i == 0 else 0)]  # case grids for the first mode only
         cmd, sec = bench(out / f"phantom_{mode}", args.seeds,
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
                          ["--samples", "2", "--methods", "weighted", "--conditions", args.sweep_conditions,
                           "--sigma-sweep", args.sweep, "--figure-cases", "0", *extra], args.jobs, args.dry_run)
         runs["sigma_sweep"] = {"command": cmd, "wall_seconds": round(sec, 1), "folder": "sigma_sweep"}
-    diagnostics = {}
+    diagnostics = dict(kept.get("diagnostics") or {})
     for name, more in DIAGNOSTICS.items() if not args.no_diagnostics else ():
         cmd = [sys.executable, f"benchmarks/{name}.py", *(["--seeds", args.seeds] if more == "seeds" else []),
                "--out", _rel(out / f"{name}.json")]
@@ -155,11 +161,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def model_rows(summaries: dict) -> dict:
+    """{(model id, autoencoder sha256, unet sha256): (method, [runs that used those weights])}: one row per set
+    of weights, so runs kept from before new weights (``--keep-others``) show which weights they measured."""
+    rows: dict = {}
+    for k, s in summaries.items():
+        for mid, v in s["models"].items():
+            sh = v.get("weights_sha256") or {}
+            key = (mid, sh.get("autoencoder", ""), sh.get("unet", ""))
+            rows.setdefault(key, (v["method"], []))[1].append(k)
+    return rows
+
+
 def write_readme(out: Path, runs: dict, summaries: dict, argv, diagnostics: dict | None = None) -> None:
     first = next(iter(summaries.values()))
-    models = {}
-    for s in summaries.values():
-        models.update(s["models"])
     reader = first["meta"].get("reader") or {}
     lines = [
         "# Phantom benchmark results (issue #12)", "",
@@ -180,10 +195,9 @@ def write_readme(out: Path, runs: dict, summaries: dict, argv, diagnostics: dict
                      f"{s['case_seconds_total'] / 60:.1f} min wall time summed over cases "
                      f"({s.get('case_cpu_seconds_total', float('nan')) / 60:.1f} CPU min; "
                      f"{s['meta'].get('cpu_count')} CPUs shared with other jobs).")
-    lines += ["", "## Models", "", "| id | method | autoencoder sha256 | unet sha256 |", "|---|---|---|---|"]
-    for mid, v in sorted(models.items()):
-        sh = v.get("weights_sha256") or {}
-        lines.append(f"| `{mid}` | {v['method']} | `{sh.get('autoencoder', '')}` | `{sh.get('unet', '')}` |")
+    lines += ["", "## Models", "", "| id | method | autoencoder sha256 | unet sha256 | runs |", "|---|---|---|---|---|"]
+    for (mid, ae, un), (method, names) in sorted(model_rows(summaries).items()):
+        lines.append(f"| `{mid}` | {method} | `{ae}` | `{un}` | {', '.join(names)} |")
     lines += ["", f"Reader: `{reader.get('id')}` (sha256 `{reader.get('sha256')}`), held-out present accuracy "
                   f"{(reader.get('heldout') or {}).get('present_accuracy', float('nan')):.3f}.", ""]
     for k, s in summaries.items():
