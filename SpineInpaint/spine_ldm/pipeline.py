@@ -207,6 +207,17 @@ def _model_sigma_roi(entry, sigma_mm: float | None) -> tuple[float, float]:
     return float(sigma_mm), roi
 
 
+def _number(value, what: str, lo: float, hi: float, unit: str = "") -> float:
+    """``value`` as a finite float in [lo, hi], else an InputError naming ``what``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number{' of' + unit if unit else ''}, got {value!r}") from None
+    if not (np.isfinite(x) and lo <= x <= hi):
+        raise InputError(f"{what} must be between {lo:g} and {hi:g}{unit}, got {value!r}")
+    return x
+
+
 def model_guidance(entry, guidance_scale: float | None = None) -> float:
     """The classifier-free guidance scale for a model: ``guidance_scale``, else the entry's ``guidance_scale``
     (1 = none when it records none). A scale != 1 needs a model that learned the healthy condition (registry
@@ -215,12 +226,7 @@ def model_guidance(entry, guidance_scale: float | None = None) -> float:
     from .registry import training_info
 
     value = entry.extra.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-    try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"guidance scale must be a number, got {value!r}") from None
-    if not (np.isfinite(scale) and 0.0 <= scale <= 20.0):
-        raise InputError(f"guidance scale must be between 0 and 20, got {value!r}")
+    scale = _number(value, "guidance scale", 0.0, 20.0)
     info = training_info(entry)
     knows_healthy = float(info.get("healthy_fraction") or 0.0) > 0 or "none" in (info.get("conditions") or ())
     if scale != 1.0 and not knows_healthy:
@@ -335,12 +341,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     if not 1 <= steps <= 1000:
         raise InputError(f"steps must be between 1 and 1000, got {steps}")
     if sigma_mm is not None:
-        try:
-            sigma_mm = float(sigma_mm)
-        except (TypeError, ValueError):
-            raise InputError(f"sigma_mm must be a number of mm, got {sigma_mm!r}") from None
-        if not (np.isfinite(sigma_mm) and 0.5 <= sigma_mm <= 100.0):
-            raise InputError(f"sigma_mm must be between 0.5 and 100 mm, got {sigma_mm!r}")
+        sigma_mm = _number(sigma_mm, "sigma_mm", 0.5, 100.0, " mm")
     try:
         repaint = {"jump_length": int(repaint_jump), "jump_n_sample": int(repaint_resample)}
     except (TypeError, ValueError):
