@@ -434,6 +434,14 @@ def test_guidance_defaults_to_the_model_and_needs_the_healthy_condition(case, re
                           extra={"training": {"conditions": ["dh_small"]}, "guidance_scale": 3.0})
     with pytest.raises(InputError, match="'p' was trained without the healthy condition"):
         pipeline.model_guidance(only)  # a registry default that the model cannot honour is refused too
+    per = reg.ModelEntry(id="c", method="weighted", config="small", files={},
+                         extra={"training": {"healthy_fraction": 0.2}, "guidance_scale": {"dh_small": 2.0}})
+    assert pipeline.model_guidance(per, condition="DH-small") == 2.0  # per condition, names parsed
+    assert pipeline.model_guidance(per, condition="dh_moderate_large") == 1.0  # not listed: unguided
+    assert pipeline.model_guidance(per, 1.5, condition="dh_small") == 1.5  # an explicit scale wins
+    with pytest.raises(InputError, match="unknown condition 'dh_tiny'"):
+        pipeline.model_guidance(reg.ModelEntry(id="d", method="weighted", config="small", files={},
+                                               extra={"guidance_scale": {"dh_tiny": 2.0}}), condition="dh_small")
 
 
 def test_default_model_is_chosen_per_condition(case, registry, tmp_path):

@@ -301,7 +301,8 @@ def guidance_extra(method: str, family: str, finetuned: bool) -> dict:
     spec = FAMILY_FINETUNE.get(family) or {}
     if not finetuned or method not in ("weighted", "masked") or not float(spec.get("healthy_fraction", 0.0)) > 0:
         return {}
-    return {"guidance_scale": float(spec.get("guidance_scale", 1.0))}
+    g = spec.get("guidance_scale", 1.0)
+    return {"guidance_scale": {c: float(v) for c, v in g.items()} if isinstance(g, dict) else float(g)}
 
 
 def _run_done(run: Path, method: str, cfg: dict) -> bool:

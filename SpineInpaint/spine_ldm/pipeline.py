@@ -218,14 +218,18 @@ def _number(value, what: str, lo: float, hi: float, unit: str = "") -> float:
     return x
 
 
-def model_guidance(entry, guidance_scale: float | None = None) -> float:
-    """The classifier-free guidance scale for a model: ``guidance_scale``, else the entry's ``guidance_scale``
-    (1 = none when it records none). A scale != 1 needs a model that learned the healthy condition (registry
+def model_guidance(entry, guidance_scale: float | None = None, condition: str | None = None) -> float:
+    """The classifier-free guidance scale for a model: ``guidance_scale``, else the entry's ``guidance_scale``: a
+    number, or ``{condition: scale}`` per condition (a condition it does not list, or ``condition`` None, gets 1);
+    1 = none when it records none. A scale != 1 needs a model that learned the healthy condition (registry
     ``training.healthy_fraction`` > 0, or "none" among ``training.conditions`` as for the full models): otherwise
     its healthy prediction is an untrained embedding, and that is an InputError."""
     from .registry import training_info
 
     value = entry.extra.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    if isinstance(value, dict):
+        per = {parse_condition(str(k)): v for k, v in value.items()}
+        value = per.get(parse_condition(condition), 1.0) if condition is not None else 1.0
     scale = _number(value, "guidance scale", 0.0, 20.0)
     info = training_info(entry)
     knows_healthy = float(info.get("healthy_fraction") or 0.0) > 0 or "none" in (info.get("conditions") or ())
@@ -363,7 +367,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     timings["load_model"] = time.perf_counter() - t0
 
     sigma_mm, roi_threshold = _model_sigma_roi(entry, sigma_mm)
-    guidance = model_guidance(entry, guidance_scale)
+    guidance = model_guidance(entry, guidance_scale, condition)
     spacing = cfg.sampling.spacing if timestep_spacing is None else str(timestep_spacing)
     if spacing not in ("leading", "trailing"):
         raise InputError(f"timestep spacing {timestep_spacing!r} unknown; use leading or trailing")
