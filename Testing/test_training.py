@@ -613,23 +613,24 @@ def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_
     # the second stage (FAMILY_FINETUNE): weighted / masked herniation models only; --finetune-steps 0 skips it
     from model_training.demo_weights import FAMILY_FINETUNE, finetune_config, guidance_extra
 
-    assert FAMILY_FINETUNE == {"dh": {"steps": 0, "condition_repeat": {"dh_small": 2}}}  # off: bundled = stage 1
+    assert FAMILY_FINETUNE == {"dh": {"steps": 10000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.2,
+                                      "guidance_scale": {"dh_small": 2.0}}}  # the bundled herniation models
     base = {"sigma_mm": 8.0, "steps": 12000, "lr": 1e-3}
-    assert finetune_config("weighted", "dh", base, None, tmp_path / "unet.pt") is None
+    assert finetune_config("weighted", "dh", base, None, tmp_path / "unet.pt")["steps"] == 10000
     ft = finetune_config("weighted", "dh", base, 12000, tmp_path / "unet.pt")
-    assert ft == {**base, "steps": 12000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.0,
+    assert ft == {**base, "steps": 12000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.2,
                   "init_weights": str(tmp_path / "unet.pt")}
     assert finetune_config("masked", "dh", base, 5)["steps"] == 5
     assert finetune_config("full", "dh", base) is None and finetune_config("weighted", "ccs", base) is None
     assert finetune_config("weighted", "dh", base, 0) is None
     with pytest.raises(InputError, match="--finetune-steps must be >= 0"):
         finetune_config("weighted", "dh", base, -1)
-    assert guidance_extra("weighted", "dh", True) == {}  # the stage learned no healthy FSUs: unguided
+    assert guidance_extra("weighted", "dh", True) == {"guidance_scale": {"dh_small": 2.0}}
+    assert guidance_extra("weighted", "dh", False) == {} and guidance_extra("full", "dh", True) == {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(FAMILY_FINETUNE, "dh", {**FAMILY_FINETUNE["dh"], "healthy_fraction": 0.2, "guidance_scale": 2.5})
-        assert finetune_config("masked", "dh", base, 5)["healthy_fraction"] == 0.2
-        assert guidance_extra("weighted", "dh", True) == {"guidance_scale": 2.5}
-        assert guidance_extra("weighted", "dh", False) == {} and guidance_extra("full", "dh", True) == {}
+        mp.setitem(FAMILY_FINETUNE, "dh", {**FAMILY_FINETUNE["dh"], "healthy_fraction": 0.0, "guidance_scale": 2.5})
+        assert finetune_config("masked", "dh", base, 5)["healthy_fraction"] == 0.0
+        assert guidance_extra("weighted", "dh", True) == {}  # the stage learned no healthy FSUs: unguided
     cfg = {"sigma_mm": 16.0}
     assert family_sigma("dh", cfg) == 8.0 and family_sigma("ccs", cfg, []) == 16.0
     assert family_sigma("dh", {"sigma_mm": 12.0}, ["sigma_mm=12"]) == 12.0

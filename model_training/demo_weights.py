@@ -48,14 +48,18 @@ FAMILY_SIGMA_MM = {"dh": 8.0, "ccs": 16.0}
 #: benchmark improved with the further 6000 (docs/results); the stenosis models stayed at 6000 (within 0.03-0.06 cos
 #: of their autoencoder ceiling there; not retrained).
 FAMILY_LDM_STEPS = {"dh": 12000, "ccs": 6000}
-#: an optional second stage for the weighted / masked LDMs of a family: the first stage's EMA weights
-#: (``init_weights``) trained for ``--finetune-steps`` more (the same lr schedule, restarted) with
-#: ``condition_repeat``, exported instead of the first stage (run folder ``<method>-<family>-ft``). Off by default
-#: (``steps`` 0): the bundled herniation models are the first stage. Measured (docs/results, 20 held-out seeds, K 3):
-#: 12000 more steps with DH small listed twice moved weighted DH small cos 0.42 -> 0.42 (judged present 47 -> 53 %),
-#: DH moderate/large 0.73 -> 0.74, masked 0.41 -> 0.45 and 0.75 -> 0.76, all within the 95 % CIs, so the bundled
-#: weights were not replaced (a weights commit stays in the history for good).
-FAMILY_FINETUNE = {"dh": {"steps": 0, "condition_repeat": {"dh_small": 2}}}
+#: a second stage for the weighted / masked LDMs of a family: the first stage's EMA weights (``init_weights``)
+#: trained for ``--finetune-steps`` more (the same lr schedule, restarted) with ``condition_repeat`` and
+#: ``healthy_fraction`` (healthy FSUs as that share of the set: the null condition of classifier-free guidance),
+#: exported instead of the first stage (run folder ``<method>-<family>-ft``) with ``guidance_scale`` as the
+#: registry's default (per condition; unlisted conditions unguided). The bundled herniation models are this stage.
+#: Measured (docs/results/finetune_dh, 20 held-out seeds, K 3): more steps alone (12000, DH small twice, no healthy
+#: FSUs) left weighted DH small at cos 0.42 (judged present 47 -> 53 %); with 20 % healthy FSUs and guidance 2 on DH
+#: small: cos 0.53, judged present 95 % (docs/results/phantom_change). DH moderate/large stays unguided: guidance
+#: there drew a dark core, not a dome (8 seeds at 4700 steps: cos 0.74 / 0.75 / 0.73 at scale 1 / 1.5 / 2.5, R^2
+#: 0.52 -> 0.12 at 2.5).
+FAMILY_FINETUNE = {"dh": {"steps": 10000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.2,
+                          "guidance_scale": {"dh_small": 2.0}}}
 AE_NAME = "demo-small-autoencoder"
 LICENSE = "Apache-2.0 (weights trained only on synthetic phantoms)"
 #: held-out phantom seeds of the --check image (disjoint from every recipe seed: those are 31-bit hashes)
@@ -80,8 +84,9 @@ def add_arguments(p) -> None:
                    help="steps of the full (RePaint baseline) LDMs (default: the other LDMs' steps); the bundled "
                         "recipe uses 3000 to fit the 2-core budget")
     p.add_argument("--finetune-steps", type=int,
-                   help="steps of an optional second (fine-tuning) stage of the weighted / masked LDMs of the "
-                        "families in FAMILY_FINETUNE (dh: DH small listed twice); default 0 = none, as bundled")
+                   help="steps of the second (fine-tuning) stage of the weighted / masked LDMs of the families in "
+                        "FAMILY_FINETUNE (dh: DH small listed twice, healthy FSUs for guidance); default: "
+                        "FAMILY_FINETUNE's (dh 10000, as bundled); 0 = no second stage")
     p.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an ldm_small key for every LDM (repeatable), e.g. model_config=small-w")
     p.add_argument("--methods", default="weighted,masked,full")
@@ -229,10 +234,14 @@ def main_demo(args) -> int:
             what = {"weighted": "weighted noise schedule (Hansen et al.)", "masked": "masked-LDM baseline",
                     "full": "whole-FSU LDM for the RePaint baseline"}[m]
             mid = model_id(m, fam)
+            healthy = float(finetuned.get((m, fam), {}).get("finetune", {}).get("healthy_fraction", 0.0))
             export_run(exported[(m, fam)], mid, registry, weights_dir=out, autoencoder_name=AE_NAME,
                        description=f"Demo (small config, CPU-trained on phantoms): {what}, "
                                    f"{' / '.join(FAMILIES[fam])}. Not for clinical or research conclusions.",
-                       training_data=data_desc, license=LICENSE, half=not args.full_precision,
+                       training_data=data_desc if not healthy else data_desc.replace(
+                           "FSUs with the model's pathology only", "FSUs with the model's pathology, plus healthy "
+                           f"FSUs ({healthy * 100:.0f} % of the second stage's set: guidance's null condition)"),
+                       license=LICENSE, half=not args.full_precision,
                        extra={"default": True, **guidance_extra(m, fam, (m, fam) in finetuned)},
                        training_extra={"phantom_seeds": seeds, "sigma_mm": cfg_for(m, fam)["sigma_mm"],
                                        **finetuned.get((m, fam), {})})
