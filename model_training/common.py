@@ -571,11 +571,12 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
     twice as often as the large one. ``healthy_fraction`` f in [0, 0.9] adds healthy rows of ``split`` (condition
     none, with a landmark when ``require_landmark``) so that they make up about f of the result: a seeded draw
     without replacement, capped by the healthy rows there are. A weighted / masked model trained so has the
-    healthy null condition that classifier-free guidance (``sampling.guidance_scale``) contrasts with."""
+    healthy null condition that classifier-free guidance (the registry's ``guidance_scale``) contrasts with."""
     from model_training.dataset import Augment, FSUDataset
     from model_training.manifest import read_manifest
 
-    rows = select_rows(read_manifest(manifest), split, conditions, require_landmark)
+    manifest_rows = read_manifest(manifest)
+    rows = select_rows(manifest_rows, split, conditions, require_landmark)
     k = int(pathology_repeat or 1)
     if k < 1:
         raise InputError(f"pathology_repeat must be >= 1, got {pathology_repeat!r}")
@@ -583,7 +584,7 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
         rows = rows + [r for r in rows if r.condition != "none"] * (k - 1)
     for cond, kc in parse_condition_repeat(condition_repeat).items():
         rows = rows + [r for r in rows if r.condition == cond] * (kc - 1)
-    rows = rows + healthy_rows(manifest, split, healthy_fraction, len(rows), require_landmark, seed)
+    rows = rows + healthy_rows(manifest_rows, split, healthy_fraction, len(rows), require_landmark, seed, manifest)
     if not rows:
         what = f"split {split!r}" + (f", conditions {sorted(conditions)}" if conditions else "") + \
             (", with a landmark" if require_landmark else "")
@@ -593,12 +594,12 @@ def build_dataset(manifest, model_cfg, split="train", conditions=None, require_l
     return FSUDataset(rows, fsu_spec_for(model_cfg), cache, augment=aug, sigma_mm=sigma_mm, seed=seed)
 
 
-def healthy_rows(manifest, split, fraction, n_other: int, require_landmark: bool, seed: int = 0) -> list:
-    """``healthy_fraction``'s rows: healthy rows of ``split`` so that they are about ``fraction`` of
-    ``n_other`` + their number (see :func:`build_dataset`); [] for fraction 0."""
+def healthy_rows(manifest_rows, split, fraction, n_other: int, require_landmark: bool, seed: int = 0,
+                 source="the manifest") -> list:
+    """``healthy_fraction``'s rows: healthy ones of ``manifest_rows`` in ``split`` so that they are about
+    ``fraction`` of ``n_other`` + their number (see :func:`build_dataset`); [] for fraction 0. ``source`` names
+    the manifest in the error."""
     import random
-
-    from model_training.manifest import read_manifest
 
     try:
         f = float(fraction or 0.0)
@@ -608,9 +609,9 @@ def healthy_rows(manifest, split, fraction, n_other: int, require_landmark: bool
         raise InputError(f"healthy_fraction must be in [0, 0.9], got {fraction!r}")
     if f == 0.0:
         return []
-    pool = select_rows(read_manifest(manifest), split, ("none",), require_landmark)
+    pool = select_rows(manifest_rows, split, ("none",), require_landmark)
     if not pool:
-        raise InputError(f"healthy_fraction {f}: manifest {manifest} has no healthy FSUs in split {split!r}"
+        raise InputError(f"healthy_fraction {f}: manifest {source} has no healthy FSUs in split {split!r}"
                          + (" with a landmark" if require_landmark else ""))
     n = min(len(pool), int(round(f / (1.0 - f) * n_other)))
     return random.Random(int(seed)).sample(pool, n)

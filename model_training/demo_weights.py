@@ -227,7 +227,7 @@ def main_demo(args) -> int:
         prune_superseded(registry)
     data_desc = (f"{args.n_studies} synthetic phantom studies (spine_ldm.phantom; import_phantoms seed "
                  f"{args.phantom_seed}, two pathologies per study, mix {json.dumps(DEFAULT_MIX)}); train split, "
-                 f"FSUs with the model's pathology only")
+                 f"FSUs with the model's pathology")
     seeds = {"import_phantoms": {"seed": int(args.phantom_seed), "n_studies": int(args.n_studies)}}
     for fam in families:
         for m in methods:
@@ -238,9 +238,8 @@ def main_demo(args) -> int:
             export_run(exported[(m, fam)], mid, registry, weights_dir=out, autoencoder_name=AE_NAME,
                        description=f"Demo (small config, CPU-trained on phantoms): {what}, "
                                    f"{' / '.join(FAMILIES[fam])}. Not for clinical or research conclusions.",
-                       training_data=data_desc if not healthy else data_desc.replace(
-                           "FSUs with the model's pathology only", "FSUs with the model's pathology, plus healthy "
-                           f"FSUs ({healthy * 100:.0f} % of the second stage's set: guidance's null condition)"),
+                       training_data=data_desc + (f", plus healthy FSUs ({healthy * 100:.0f} % of the second stage's "
+                                                  "set: guidance's null condition)" if healthy else " only"),
                        license=LICENSE, half=not args.full_precision,
                        extra={"default": True, **guidance_extra(m, fam, (m, fam) in finetuned)},
                        training_extra={"phantom_seeds": seeds, "sigma_mm": cfg_for(m, fam)["sigma_mm"],

@@ -224,13 +224,14 @@ def model_guidance(entry, guidance_scale: float | None = None, condition: str | 
     1 = none when it records none. A scale != 1 needs a model that learned the healthy condition (registry
     ``training.healthy_fraction`` > 0, or "none" among ``training.conditions`` as for the full models): otherwise
     its healthy prediction is an untrained embedding, and that is an InputError."""
+    from .diffusion.samplers import GUIDANCE_RANGE
     from .registry import training_info
 
     value = entry.extra.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     if isinstance(value, dict):
         per = {parse_condition(str(k)): v for k, v in value.items()}
         value = per.get(parse_condition(condition), 1.0) if condition is not None else 1.0
-    scale = _number(value, "guidance scale", 0.0, 20.0)
+    scale = _number(value, "guidance scale", *GUIDANCE_RANGE)
     info = training_info(entry)
     knows_healthy = float(info.get("healthy_fraction") or 0.0) > 0 or "none" in (info.get("conditions") or ())
     if scale != 1.0 and not knows_healthy:

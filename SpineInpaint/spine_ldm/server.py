@@ -105,7 +105,7 @@ def validate_params(params: Any) -> dict:
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
             raise ParamError(f"{key} must be an integer, got {out[key]!r}")
     for key in ("sigma_mm", "guidance_scale"):
-        if out.get(key) is not None and not _finite(out[key]):
+        if key in out and not _finite(out[key]):
             raise ParamError(f"{key} must be a finite number, got {out[key]!r}")
     if out.get("model") is not None and (not isinstance(out["model"], str) or not _MODEL_ID.match(out["model"])):
         raise ParamError(f"model must be a registry id (letters, digits, '.', '_', '-'), got {out['model']!r}")

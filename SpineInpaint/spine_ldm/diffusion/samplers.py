@@ -47,6 +47,8 @@ from .schedule import NoiseSchedule
 from .steps import ddim_step, ddpm_step, plms_eps, renoise
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: the classifier-free guidance scales :func:`unet_model_fn` (and the pipeline) accept
+GUIDANCE_RANGE = (0.0, 20.0)
 
 
 def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None, guidance_scale: float = 1.0,
@@ -60,8 +62,9 @@ def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None, guid
     if use_w and w is None:
         raise InputError("this U-Net has a W input channel: pass w (the per-voxel weight on the latent grid)")
     scale = float(guidance_scale)
-    if not (scale == scale and 0.0 <= scale <= 20.0):
-        raise InputError(f"guidance scale must be between 0 and 20, got {guidance_scale!r}")
+    lo, hi = GUIDANCE_RANGE
+    if not (scale == scale and lo <= scale <= hi):
+        raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale!r}")
 
     def fn(x, t_global, t_voxel):
         if scale == 1.0:
