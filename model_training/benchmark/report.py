@@ -95,7 +95,7 @@ def _c2st(cases, method, n_boot, fake_kind: str = "G") -> dict:
 
 
 def _fid_kid(cases, method, n_boot) -> dict:
-    """FID and KID (features of P crops vs G crops), case-bootstrap intervals."""
+    """FID and KID (features of P crops vs G crops), bias-corrected case-bootstrap intervals."""
     fr = [a["feat_P"].astype(np.float64) for _, a in cases]
     fg = [a.get(f"feat_G_{method}", np.zeros((0, 0))).astype(np.float64) for _, a in cases]
     out = {}
@@ -105,8 +105,9 @@ def _fid_kid(cases, method, n_boot) -> dict:
         def stat(idx, fn=fn):
             return fn(np.concatenate([fg[i] for i in idx]), np.concatenate([fr[i] for i in idx]))
 
-        lo, hi = ST.bootstrap_ci(stat, len(cases), n_boot=min(n_boot, 300))
-        out[name] = {"mean": stat(np.arange(len(cases))), "lo": lo, "hi": hi}
+        mean = stat(np.arange(len(cases)))
+        lo, hi = ST.bootstrap_ci(stat, len(cases), n_boot=min(n_boot, 300), center=mean)
+        out[name] = {"mean": mean, "lo": lo, "hi": hi}
     return out
 
 

@@ -1,7 +1,8 @@
 """Statistics of the benchmark tables: case-bootstrap intervals, Wilson intervals, AUC, FID and KID.
 
 * :func:`bootstrap_ci`: percentile 95 % interval of any statistic under resampling of *cases* with replacement
-  (the K samples of one case move together), seeded.
+  (the K samples of one case move together), seeded; ``center=`` bias-corrects it (FID / KID: a resample repeats
+  cases, which inflates a distance between feature sets, so the plain percentile interval lies above the estimate).
 * :func:`wilson`: Wilson score interval of a proportion (the paper's Table 2 style "% judged present").
 * :func:`fid`: Frechet distance between two feature sets, exactly MONAI's ``FIDMetric`` (unbiased covariances,
   ``tr sqrt(C1 C2)``) but computed from the n1 x n2 cross-product of the centred features (its singular values are
@@ -19,9 +20,15 @@ import numpy as np
 import torch
 
 
-def bootstrap_ci(stat, n_groups: int, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(stat, n_groups: int, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 center: float | None = None) -> tuple[float, float]:
     """Percentile interval of ``stat(indices)`` over ``n_boot`` resamples of ``range(n_groups)`` with replacement
-    (non-finite statistics are skipped); (NaN, NaN) with fewer than 2 groups."""
+    (non-finite statistics are skipped); (NaN, NaN) with fewer than 2 groups.
+
+    ``center`` (the statistic on all groups) bias-corrects the interval: it is shifted by ``center - mean`` of the
+    resampled statistics, i.e. the bootstrap's estimate of the statistic's resampling bias is removed. Needed for a
+    distance between feature sets (FID, KID): a resample holds each case 0, 1, 2, ... times, the repeats shrink the
+    effective sample and inflate the distance, and the plain percentile interval can miss the estimate altogether."""
     if n_groups < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng([int(seed), 99])
@@ -33,6 +40,9 @@ def bootstrap_ci(stat, n_groups: int, n_boot: int = 1000, seed: int = 0, alpha: 
     if not vals:
         return float("nan"), float("nan")
     lo, hi = np.percentile(vals, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    if center is not None and math.isfinite(center):
+        shift = float(center) - float(np.mean(vals))
+        lo, hi = lo + shift, hi + shift
     return float(lo), float(hi)
 
 
