@@ -15,8 +15,12 @@ Peak memory is ``torch.cuda.max_memory_allocated`` for CUDA and the process's pe
 maximum: it only grows across rows). ``unet_s`` is the median time of one bare U-Net evaluation at the batch the
 sampler uses (one CPU sample runs as a batch of two), and ``vs_50_unet`` = sampling seconds / (50 x unet_s): what the
 sampler adds on top of its network evaluations (the weighted sampler should stay within 1.2x). ``--registry``
-benchmarks a registry's default models (e.g. the bundled ones) instead of random-init weights. Prints a table and
-writes JSON (``--out``). No assertions: this is a script.
+benchmarks a registry's default models (e.g. the bundled ones) instead of random-init weights. ``--conditions``
+picks the conditions (default ``dh_moderate_large``); a condition the model guides (classifier-free guidance, the
+registry's ``guidance_scale``) evaluates the U-Net on a doubled batch, and its ``vs_50_unet`` still divides by the
+unguided batch's evaluation, so the ratio shows what guidance costs (one CPU sample: the same batch of two, so
+about nothing; CUDA: batch 2 instead of 1). Prints a table and writes JSON (``--out``). No assertions: this is a
+script.
 """
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--conditions", default="dh_moderate_large",
+                    help="comma list of conditions (a guided one, e.g. dh_small with the bundled models, times guidance)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--registry", default=None,
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
     devices = args.devices.split(",") if args.devices else (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     img = synthetic_volume()
     centre = (0.0, 0.0, 0.0)
     landmark = (0.0, 20.0, 0.0)  # 20 mm posterior of the "disc centre"
@@ -112,19 +119,20 @@ def main(argv=None) -> int:
         for cfg in configs:
             regp = args.registry or make_registry(Path(tmp) / cfg, config=cfg)
             for dev in devices:
-                for method in methods:
+                for method, cond in [(m, c) for m in methods for c in conditions]:
                     kw = dict(method=method, device=dev, registry=regp, disc_center_lps=centre,
                               samples=args.samples, seed=0)
-                    pipeline.inpaint(img, landmark, "L4-L5", "dh_moderate_large", steps=2, **kw)  # warm-up
+                    pipeline.inpaint(img, landmark, "L4-L5", cond, steps=2, **kw)  # warm-up
                     if dev.startswith("cuda"):
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    res = pipeline.inpaint(img, landmark, "L4-L5", "dh_moderate_large", steps=args.steps, **kw)
+                    res = pipeline.inpaint(img, landmark, "L4-L5", cond, steps=args.steps, **kw)
                     wall = time.perf_counter() - t0
                     unet_s = unet_eval_seconds(method, dev, regp, args.samples)
                     samp = res.timings.get("sample", float("nan"))
                     row = {"config": res.provenance["model_config"] if args.registry else cfg,
-                           "model_id": res.provenance["model_id"], "unet_s": round(unet_s, 4),
+                           "model_id": res.provenance["model_id"], "condition": cond,
+                           "guidance_scale": res.provenance.get("guidance_scale"), "unet_s": round(unet_s, 4),
                            "vs_50_unet": round(samp / (50 * unet_s), 3) if method != "repaint" else None, "device": res.device, "method": method, "steps": args.steps,
                            "samples": args.samples, "nfe": res.nfe, "seconds": round(wall, 3),
                            "seconds_sampling": round(res.timings.get("sample", float("nan")), 3),
@@ -133,16 +141,18 @@ def main(argv=None) -> int:
                            "peak_memory_kind": "cuda_max_allocated" if dev.startswith("cuda") else "process_rss_peak",
                            "sampler": res.provenance["sampler"]}
                     rows.append(row)
-                    print(f"{row['config']:6} {res.device:32} {method:9} nfe {res.nfe:4d}  {wall:8.2f} s  "
+                    print(f"{row['config']:6} {res.device:32} {method:9} {cond:17} nfe {res.nfe:4d}  {wall:8.2f} s  "
                           f"{row['seconds_per_nfe']:.3f} s/nfe  unet {unet_s:.3f} s  x50 ratio "
                           f"{row['vs_50_unet']}  peak {res.peak_memory_mb:8.0f} MB", flush=True)
     print()
-    hdr = "| config | device | method | nfe | seconds | s/nfe | sampling / 50 U-Net evals | peak MB |"
+    hdr = ("| config | device | method | condition | guidance | nfe | seconds | s/nfe | sampling / 50 U-Net evals "
+           "| peak MB |")
     print(hdr)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     for r in rows:
         ratio = "-" if r["vs_50_unet"] is None else f"{r['vs_50_unet']:.2f}"
-        print(f"| {r['config']} | {r['device']} | {r['method']} | {r['nfe']} | {r['seconds']:.2f} | "
+        print(f"| {r['config']} | {r['device']} | {r['method']} | {r['condition']} | {r['guidance_scale'] or '-'} "
+              f"| {r['nfe']} | {r['seconds']:.2f} | "
               f"{r['seconds_per_nfe']:.3f} | {ratio} | {r['peak_memory_mb']:.0f} |")
     meta = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_threads": torch.get_num_threads(),
