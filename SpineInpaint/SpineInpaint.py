@@ -24,9 +24,9 @@ from spine_ldm.conditions import CONDITIONS, LEVELS
 from SpineInpaintLib import MINIMUM_SLICER_VERSION, dependencies, layout, models, sampledata, tasks
 from SpineInpaintLib.level import suggestLevelFromMarkups
 from SpineInpaintLib.logic import POLL_INTERVAL_MS, InpaintLogic, defaultRegistryPath, selfTestProblem
-from SpineInpaintLib.parameters import (BACKENDS, DEVICES, METHOD_LABELS, METHODS, MODEL_SIGMA, SAMPLES_RANGE,
-                                        SEVERITY_LABELS, SIGMA_RANGE_MM, STEPS_RANGE, InpaintParameters,
-                                        conditionFromPathologySeverity, fromParameterNode,
+from SpineInpaintLib.parameters import (BACKENDS, DEVICES, GUIDANCE_RANGE, METHOD_LABELS, METHODS, MODEL_GUIDANCE,
+                                        MODEL_SIGMA, SAMPLES_RANGE, SEVERITY_LABELS, SIGMA_RANGE_MM, STEPS_RANGE,
+                                        InpaintParameters, conditionFromPathologySeverity, fromParameterNode,
                                         pathologySeverityFromCondition)
 
 PATHOLOGY_KEYS = ("dh", "ccs", "none")  # order of pathologyComboBox items in the .ui
@@ -98,6 +98,8 @@ class SpineInpaintParameterNode:
     seed: Annotated[int, Minimum(0)] = _DEFAULTS.seed
     sigmaMm: Annotated[float, WithinRange(MODEL_SIGMA, SIGMA_RANGE_MM[1])] = _DEFAULTS.sigmaMm  # 0 = the model's
     steps: Annotated[int, WithinRange(*STEPS_RANGE)] = _DEFAULTS.steps
+    # 0 = the model's own
+    guidanceScale: Annotated[float, WithinRange(MODEL_GUIDANCE, GUIDANCE_RANGE[1])] = _DEFAULTS.guidanceScale
     device: Annotated[str, Choice(DEVICES)] = _DEFAULTS.device
     backend: Annotated[str, Choice(BACKENDS)] = _DEFAULTS.backend
     remoteUrl: str = _DEFAULTS.remoteUrl

@@ -78,6 +78,7 @@ def test_main_panel_has_the_required_controls():
                 "discCentersSelector": "qMRMLNodeComboBox", "levelComboBox": "QComboBox",
                 "pathologyComboBox": "QComboBox", "severityComboBox": "QComboBox", "methodComboBox": "QComboBox",
                 "samplesSpinBox": "QSpinBox", "seedSpinBox": "QSpinBox", "sigmaSpinBox": "QDoubleSpinBox",
+                "guidanceSpinBox": "QDoubleSpinBox",
                 "stepsSpinBox": "QSpinBox", "deviceComboBox": "QComboBox", "modelComboBox": "QComboBox",
                 "applyButton": "QPushButton", "cancelButton": "QPushButton", "progressBar": "QProgressBar",
                 "statusLabel": "QLabel", "remoteCollapsibleButton": "ctkCollapsibleButton",

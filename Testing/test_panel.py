@@ -127,13 +127,14 @@ def test_parameter_node_round_trip_through_scene_save_and_load(gui, scene, tmp_p
     ui.methodComboBox.currentIndex = 2  # RePaint
     ui.samplesSpinBox.value = 3
     ui.sigmaSpinBox.value = 12.5
+    ui.guidanceSpinBox.value = 3.0
     ui.levelAutoCheckBox.checked = False
     ui.levelComboBox.currentIndex = 4
     ui.remoteCheckBox.checked = True
     ui.remoteUrlLineEdit.text = "https://gpu:8000"
     p = w.currentParameters()
-    assert (p.condition, p.method, p.samples, p.sigmaMm, p.levelAuto, p.level, p.backend, p.remoteUrl) == \
-        ("ccs_moderate", "repaint", 3, 12.5, False, "L5-S1", "remote", "https://gpu:8000")
+    assert (p.condition, p.method, p.samples, p.sigmaMm, p.guidanceScale, p.levelAuto, p.level, p.backend,
+            p.remoteUrl) == ("ccs_moderate", "repaint", 3, 12.5, 3.0, False, "L5-S1", "remote", "https://gpu:8000")
     assert w._parameterNode.inputVolume is vol
     # the input volume is a node reference (survives ID changes), not an ID in an attribute
     raw = w._parameterNode.parameterNode
@@ -149,7 +150,8 @@ def test_parameter_node_round_trip_through_scene_save_and_load(gui, scene, tmp_p
     assert scene.Import()  # loading the scene updates the panel
     assert ui.inputVolumeSelector.currentNode().GetName() == "T2"
     assert ui.inputVolumeSelector.currentNode() is not None and ui.inputVolumeSelector.currentNode().GetID() != vol.GetID()
-    assert (ui.samplesSpinBox.value, ui.sigmaSpinBox.value, ui.levelComboBox.currentText) == (3, 12.5, "L5-S1")
+    assert (ui.samplesSpinBox.value, ui.sigmaSpinBox.value, ui.guidanceSpinBox.value, ui.levelComboBox.currentText) == \
+        (3, 12.5, 3.0, "L5-S1")
     assert ui.pathologyComboBox.currentIndex == 1 and ui.severityComboBox.currentData == "moderate"
     assert ui.methodComboBox.currentIndex == 2 and ui.remoteCheckBox.checked and not ui.levelAutoCheckBox.checked
     assert w.currentParameters().condition == "ccs_moderate"

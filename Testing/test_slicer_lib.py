@@ -47,7 +47,7 @@ FAKE_BACKEND = textwrap.dedent(r'''
     p.add_argument("--disc-center"); p.add_argument("--level"); p.add_argument("--condition")
     p.add_argument("--method", default="weighted"); p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sigma-mm", type=float); p.add_argument("--device"); p.add_argument("--model")
+    p.add_argument("--sigma-mm", type=float); p.add_argument("--guidance-scale", type=float); p.add_argument("--device"); p.add_argument("--model")
     p.add_argument("--registry"); p.add_argument("--out"); p.add_argument("--progress")
     a = p.parse_args()
     mode = os.environ.get("FAKE_MODE", "ok")
@@ -185,7 +185,8 @@ def test_command_matches_the_real_cli(scene, tmp_path):
     vol = make_volume_node(scene)
     lm = add_points(scene, [ras_of_ijk(vol, (3, 4, 5))])
     disc = add_points(scene, [ras_of_ijk(vol, (4, 4, 5))], name="Disc")
-    params = InpaintParameters(samples=3, seed=11, steps=7, sigmaMm=12.5, model="my-model", method="masked")
+    params = InpaintParameters(samples=3, seed=11, steps=7, sigmaMm=12.5, guidanceScale=1.5, model="my-model",
+                               method="masked")
     req = nodes.prepareBackendInput(vol, lm, params, str(tmp_path), discCentersNode=disc)
     payload = nodes.requestPayload(req, params, "masked")
     cmd = runner.inpaintCommand(payload, req.inputPath, str(tmp_path / "out"), python="py", registry="/r/Models.json")
@@ -195,15 +196,16 @@ def test_command_matches_the_real_cli(scene, tmp_path):
     assert np.allclose(cli.parse_vector(args.landmark), req.landmarkLps)
     assert np.allclose(cli.parse_vector(args.disc_center), req.discCenterLps)
     assert (args.coords, args.level, args.condition, args.method) == ("lps", "L4-L5", "dh_moderate_large", "masked")
-    assert (args.samples, args.seed, args.steps, args.sigma_mm) == (3, 11, 7, 12.5)
+    assert (args.samples, args.seed, args.steps, args.sigma_mm, args.guidance_scale) == (3, 11, 7, 12.5, 1.5)
     assert (args.model, args.registry, args.progress) == ("my-model", "/r/Models.json", "json")
     assert args.out.endswith("sample.nrrd") and args.image == req.inputPath
 
 
-def test_default_sigma_is_the_models_own(scene, tmp_path):
+def test_default_sigma_and_guidance_are_the_models_own(scene, tmp_path):
     """The panel's default sigma (MODEL_SIGMA, shown as "model's") sends no sigma: the backend then uses the sigma
-    the model was trained with (the bundled DH models 8 mm, CCS 16 mm) instead of forcing 16 mm on every model."""
-    from SpineInpaintLib.parameters import MODEL_SIGMA
+    the model was trained with (the bundled DH models 8 mm, CCS 16 mm) instead of forcing 16 mm on every model.
+    Guidance alike (MODEL_GUIDANCE: the registry's per-condition scale, bundled DH small 2)."""
+    from SpineInpaintLib.parameters import MODEL_GUIDANCE, MODEL_SIGMA
     from spine_ldm import cli
 
     vol = make_volume_node(scene)
@@ -211,13 +213,19 @@ def test_default_sigma_is_the_models_own(scene, tmp_path):
     params = InpaintParameters()
     assert params.sigmaMm == MODEL_SIGMA == 0.0 and params.validate() == []
     assert params.sigmaForBackend() is None and params.sigmaText() == "the model's sigma"
+    assert params.guidanceScale == MODEL_GUIDANCE == 0.0 and params.guidanceForBackend() is None
+    assert params.guidanceText() == "the model's guidance"
     req = nodes.prepareBackendInput(vol, lm, params, str(tmp_path))
     payload = nodes.requestPayload(req, params, "weighted")
-    assert "sigma_mm" not in payload
+    assert "sigma_mm" not in payload and "guidance_scale" not in payload
     cmd = runner.inpaintCommand(payload, req.inputPath, str(tmp_path / "out"), python="py")
-    assert "--sigma-mm" not in cmd and cli.build_parser().parse_args(cli._fix_negative_vectors(cmd[3:])).sigma_mm is None
-    explicit = InpaintParameters(sigmaMm=10.0)
-    assert nodes.requestPayload(req, explicit, "weighted")["sigma_mm"] == 10.0 and explicit.sigmaText() == "sigma 10 mm"
+    args = cli.build_parser().parse_args(cli._fix_negative_vectors(cmd[3:]))
+    assert "--sigma-mm" not in cmd and args.sigma_mm is None
+    assert "--guidance-scale" not in cmd and args.guidance_scale is None
+    explicit = InpaintParameters(sigmaMm=10.0, guidanceScale=1.0)
+    got = nodes.requestPayload(req, explicit, "weighted")
+    assert got["sigma_mm"] == 10.0 and explicit.sigmaText() == "sigma 10 mm"
+    assert got["guidance_scale"] == 1.0 and explicit.guidanceText() == "guidance 1"  # 1 = explicitly unguided
 
 
 def test_parent_transform_and_outside_landmark(scene, tmp_path):
@@ -306,8 +314,8 @@ def test_parameters_validation():
                           steps=25, device="cpu", model="m", levelAuto=False, compareMethods=True,
                           backend="remote", remoteUrl="https://gpu:8000")
     assert p.validate() == [] and p.normalized() == p
-    bad = InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x").validate()
-    assert len(bad) == 4 and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm, or 0 for the model's own (got 0.1)." in bad
+    bad = InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x", guidanceScale=0.5).validate()
+    assert len(bad) == 5 and "Guidance must be 1..20, or 0 for the model's own (got 0.5)." in bad and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm, or 0 for the model's own (got 0.1)." in bad
     assert conditionFromPathologySeverity("dh", "moderate_large") == "dh_moderate_large"
     assert conditionFromPathologySeverity("none", "") == "none"
     assert pathologySeverityFromCondition("ccs_moderate") == ("ccs", "moderate")

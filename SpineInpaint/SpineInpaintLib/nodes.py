@@ -229,6 +229,9 @@ def requestPayload(request: BackendRequest, params: InpaintParameters, method: s
     sigma = params.sigmaForBackend()
     if sigma is not None:  # absent = the model's own sigma
         payload["sigma_mm"] = sigma
+    guidance = params.guidanceForBackend()
+    if guidance is not None:  # absent = the model's own guidance scale
+        payload["guidance_scale"] = guidance
     model = modelForMethod(params, method)
     if model:
         payload["model"] = model

@@ -28,6 +28,11 @@ SIGMA_RANGE_MM = (0.5, 100.0)
 #: sigmaMm value meaning "the sigma the selected model was trained with" (registry ``training.sigma_mm``: the bundled
 #: herniation models 8 mm, the stenosis models 16 mm); the panel's sigma box shows it as "model's".
 MODEL_SIGMA = 0.0
+#: Classifier-free guidance scales the panel offers (the backend also takes 0..1, a research setting: the CLI).
+GUIDANCE_RANGE = (1.0, 20.0)
+#: guidanceScale value meaning "the model's own" (registry ``guidance_scale``: the bundled DH small models 2, every
+#: other condition 1 = unguided); the panel's guidance box shows it as "model's".
+MODEL_GUIDANCE = 0.0
 
 #: Pathology combo box entries (panel) -> severities. "none" = healthy (no pathology inserted).
 PATHOLOGY_LABELS = {"dh": "Disc herniation (DH)", "ccs": "Central canal stenosis (CCS)", "none": "Healthy (no pathology)"}
@@ -66,6 +71,7 @@ class InpaintParameters:
     seed: int = 0
     sigmaMm: float = MODEL_SIGMA  # MODEL_SIGMA = the model's own; else 0.5..100 mm (differing from the model's warns)
     steps: int = 50
+    guidanceScale: float = MODEL_GUIDANCE  # MODEL_GUIDANCE = the model's own; else 1..20 (1 = no guidance)
     device: str = "auto"
     model: str = ""  # registry id; "" = the backend's default model
     levelAuto: bool = True  # keep the level in sync with the suggestion from the disc centres
@@ -96,6 +102,10 @@ class InpaintParameters:
         if float(self.sigmaMm) != MODEL_SIGMA and not lo <= float(self.sigmaMm) <= hi:
             errors.append(f"Sigma must be {lo:g}..{hi:g} mm, or {MODEL_SIGMA:g} for the model's own "
                           f"(got {self.sigmaMm}).")
+        lo, hi = GUIDANCE_RANGE
+        if float(self.guidanceScale) != MODEL_GUIDANCE and not lo <= float(self.guidanceScale) <= hi:
+            errors.append(f"Guidance must be {lo:g}..{hi:g}, or {MODEL_GUIDANCE:g} for the model's own "
+                          f"(got {self.guidanceScale}).")
         if int(self.seed) < 0:
             errors.append(f"Seed must be >= 0 (got {self.seed}).")
         if self.device not in DEVICES:
@@ -113,7 +123,7 @@ class InpaintParameters:
             raise ValueError(" ".join(errors))
         return dataclasses.replace(self, level=parse_level(self.level), condition=parse_condition(self.condition),
                                    samples=int(self.samples), seed=int(self.seed), steps=int(self.steps),
-                                   sigmaMm=float(self.sigmaMm))
+                                   sigmaMm=float(self.sigmaMm), guidanceScale=float(self.guidanceScale))
 
     def sigmaForBackend(self) -> float | None:
         """The ``sigma_mm`` to send: None = the model's own (:data:`MODEL_SIGMA`)."""
@@ -121,6 +131,14 @@ class InpaintParameters:
 
     def sigmaText(self) -> str:
         return "the model's sigma" if self.sigmaForBackend() is None else f"sigma {float(self.sigmaMm):g} mm"
+
+    def guidanceForBackend(self) -> float | None:
+        """The ``guidance_scale`` to send: None = the model's own (:data:`MODEL_GUIDANCE`)."""
+        return None if float(self.guidanceScale) == MODEL_GUIDANCE else float(self.guidanceScale)
+
+    def guidanceText(self) -> str:
+        g = self.guidanceForBackend()
+        return "the model's guidance" if g is None else f"guidance {g:g}"
 
     def methodsToRun(self) -> list[str]:
         return list(METHODS) if self.compareMethods else [self.method]

@@ -138,6 +138,8 @@ def inpaintCommand(payload: dict, inputPath: str, outputDir: str, python: Option
            "--out", os.path.join(str(outputDir), "sample.nrrd"), "--progress", "json"]
     if payload.get("sigma_mm") is not None:  # absent: the model's own sigma
         cmd += ["--sigma-mm", _fmt(float(payload["sigma_mm"]))]
+    if payload.get("guidance_scale") is not None:  # absent: the model's own guidance scale
+        cmd += ["--guidance-scale", _fmt(float(payload["guidance_scale"]))]
     if payload.get("model"):
         cmd += ["--model", payload["model"]]
     if payload.get("disc_center_lps") is not None:
