@@ -215,6 +215,25 @@ def test_demo_slice_orientation_superior_up_anterior_left():
     assert r < 30 and c < 30  # upper-left quadrant: superior up, anterior left
 
 
+def test_landmark_mark_leaves_the_site_visible():
+    """The figures' landmark is a crosshair with a gap: nothing drawn within ``gap`` of the point (a filled ``+``
+    hid the small herniation it points at), four ticks beyond it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spine_ldm.demo import mark_landmark
+
+    fig, ax = plt.subplots()
+    mark_landmark(ax, 50.0, 40.0, gap=6.0, length=5.0)
+    pts = np.concatenate([np.c_[ln.get_xdata(), ln.get_ydata()] for ln in ax.get_lines()])
+    plt.close(fig)
+    assert len(pts) == 8
+    dist = np.hypot(pts[:, 0] - 50.0, pts[:, 1] - 40.0)
+    assert sorted(np.round(dist, 6)) == [6.0] * 4 + [11.0] * 4
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     from spine_ldm import demo

@@ -382,7 +382,7 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
     import numpy as np
 
     from spine_ldm import phantom, pipeline
-    from spine_ldm.demo import landmark_patch_change, sagittal_slice
+    from spine_ldm.demo import landmark_patch_change, mark_landmark, sagittal_slice
 
     cols = ["healthy input", "true pathological twin", "weighted", "masked", "RePaint"]
     fig, axes = plt.subplots(len(cases), len(cols), figsize=(3.0 * len(cols), 3.2 * len(cases)), squeeze=False)
@@ -407,7 +407,7 @@ def render_check(work: Path, registry: Path, log=print, out_png: Path | None = N
         for k, (name, a) in enumerate(zip(cols, sl)):
             ax = axes[i][k]
             ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, interpolation="bilinear")
-            ax.plot([a.shape[1] / 2], [a.shape[0] / 2], marker="+", color="yellow", markersize=9)
+            mark_landmark(ax, a.shape[1] / 2, a.shape[0] / 2, gap=15, length=12)  # pixels of 0.4 mm: 6 mm gap
             ax.set_title(f"{name}\n{level} {cond}" if k == 0 else f"{name} ({deltas[name]:+.2f})", fontsize=8)
             ax.axis("off")
         log(f"[demo] check seed {seed} {level} {cond}: {deltas}")

@@ -119,6 +119,13 @@ def landmark_patch_change(output: sitk.Image, reference: sitk.Image, landmark_lp
     return float((a[win].mean() - b[win].mean()) / max(hi - lo, 1e-6))
 
 
+def mark_landmark(ax, x: float, y: float, gap: float, length: float, color: str = "yellow", lw: float = 1.0) -> None:
+    """Crosshair with a gap at (x, y) in the axes' data units: four ticks from ``gap`` to ``gap + length`` off the
+    point, so the pathology drawn at the landmark stays visible (a filled ``+`` marker hides a small herniation)."""
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        ax.plot([x + gap * dx, x + (gap + length) * dx], [y + gap * dy, y + (gap + length) * dy], color=color, lw=lw)
+
+
 def comparison_png(rows: list[dict], path: Path, title: str = "") -> Path:
     """rows: {"label", "landmark", "images": {column: sitk.Image}} -> PNG grid."""
     import matplotlib
@@ -140,7 +147,7 @@ def comparison_png(rows: list[dict], path: Path, title: str = "") -> Path:
             sl = sagittal_slice(row["images"][col], row["landmark"])
             ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, interpolation="bilinear")
             h, w = sl.shape
-            ax.plot([w / 2], [h / 2], marker="+", color="yellow", markersize=10, markeredgewidth=1.2)
+            mark_landmark(ax, w / 2, h / 2, gap=12, length=12)  # pixels of 0.5 mm: 6 mm gap
             ax.set_title(f"{names[col]}" + (f"\n{row['label']}" if c == 0 else ""), fontsize=9)
     fig.suptitle(title or "SpineInpaint demo (sagittal slice through the landmark; superior up, anterior left)",
                  fontsize=10)

@@ -3,8 +3,8 @@
 * ``<condition>.png`` (``<condition>_s<sigma>.png`` in a sigma sweep): one block of two rows per case (the first
   ``--figure-cases`` seeds): the sagittal slice through the landmark (anterior left, superior up) and the axial
   reformat perpendicular to the canal (anterior up, patient right on the left); columns healthy | truth | each
-  method's K samples. Same grey window per case (the healthy slice's 1st-99.5th percentile); landmark ``+``; the
-  dashed circle is the W > 0.1 region (the baselines' ROI) where the plane cuts it; number = the output's cos.
+  method's K samples. Same grey window per case (the healthy slice's 1st-99.5th percentile); landmark: a crosshair
+  with a gap; the dashed circle is the W > 0.1 region (the baselines' ROI) where the plane cuts it; number = the output's cos.
 * ``summary.png``: bar chart per condition (rows) and metric (columns) with 95 % intervals; the cos panel marks the
   ceiling (the truth's autoencoder reconstruction) with a black tick.
 * ``sigma_sweep.png`` (``--sigma-sweep``): cos, R^2, sharpness and present rate against sigma per method.
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spine_ldm.conditions import CONDITION_LABELS
+from spine_ldm.demo import mark_landmark
 from spine_ldm.weighting import weight_radius_mm
 
 from .report import METHOD_LABELS
@@ -80,8 +81,7 @@ def case_grid(cases, methods, samples: int, path: Path, title: str) -> Path | No
                     continue
                 ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, extent=ext, interpolation="bilinear")
                 ax.add_patch(plt.Circle((0, 0), r_roi, fill=False, ls="--", lw=0.6, color="#33c3ff", alpha=0.8))
-                for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):  # crosshair with a gap: the centre stays visible
-                    ax.plot([2.5 * dx, 6.0 * dx], [2.5 * dy, 6.0 * dy], color="yellow", lw=0.8)
+                mark_landmark(ax, 0.0, 0.0, gap=2.5, length=3.5, lw=0.8)  # mm
                 ax.set_xlim(-half, half)
                 ax.set_ylim(half, -half)
                 if ci == 0 and vi == 0:
