@@ -17,7 +17,7 @@ from spine_ldm.errors import InputError
 
 COLUMNS = {"seed", "level", "condition", "method", "sample", "sigma_mm", "paste_mode", "model_id", "cos", "r2",
            "sharp", "sharp_native", "geom", "geom_truth", "geom_ratio", "cos_ceiling", "present_prob", "present",
-           "nfe", "seconds"}
+           "reader_class", "graded", "nfe", "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,14 @@ def test_files_and_columns(run):
         assert -1.0 <= float(r["cos"]) <= 1.0 and 0.0 <= float(r["present_prob"]) <= 1.0
         assert r["geom_metric"] == ("protrusion_mm3" if r["condition"].startswith("dh") else "canal_area_mm2")
         assert float(r["geom_truth"]) > 0 and int(r["nfe"]) > 0
+        assert float(r["graded"]) == float(r["reader_class"] == r["condition"])  # severity honoured by the reader
     nfe = {r["method"]: int(r["nfe"]) for r in rows}
     assert nfe["weighted"] == nfe["masked"] == 3  # PLMS: steps + 1 (warm-up)
     s = json.loads((out / "summary.json").read_text())
     cell = s["sigma"]["model"]["cells"]["dh_moderate_large"]["weighted"]
-    for k in ("cos", "r2", "sharp", "present", "ms_ssim_2d", "ms_ssim_3d", "fid", "kid", "c2st_auc",
+    rs = [r for r in rows if r["condition"] == "dh_moderate_large" and r["method"] == "weighted"]
+    assert cell["graded"]["mean"] == pytest.approx(np.mean([float(r["graded"]) for r in rs]))
+    for k in ("cos", "r2", "sharp", "present", "graded", "ms_ssim_2d", "ms_ssim_3d", "fid", "kid", "c2st_auc",
               "c2st_auc_ceiling"):
         assert k in cell, k
     assert cell["n_outputs"] == 2 and cell["n_cases"] == 1 and cell["sigma_mm"] == [16.0]
@@ -193,3 +196,30 @@ def test_new_weights_for_one_pathology_recompute_only_its_cases(setup, tmp_path)
         changed = {c: RN.fingerprint(s, rsha, c) for c in before}
     assert all(changed[c] != again[c] for c in before)
     assert {c: RN.fingerprint(s, rsha, c) for c in before} == again
+
+
+def test_an_explicit_guidance_scale_ignores_the_registry_default(setup, tmp_path):
+    """A case's fingerprint holds the registry's guidance_scale only when the run leaves guidance to the models:
+    with ``--guidance-scale`` the outputs do not depend on it, so a new registry default keeps a guidance sweep's
+    cases, while a run on the models' own scales recomputes them."""
+    from model_training.__main__ import build_parser
+    from model_training.benchmark import run as RN
+
+    d, reg, reader = setup
+    reg2 = tmp_path / "Models.json"
+    data = json.loads(reg.read_text())
+    (tmp_path / "Models").symlink_to(d / "Models")
+    for m in data["models"]:
+        m.setdefault("training", {})["healthy_fraction"] = 0.2
+    reg2.write_text(json.dumps(data))
+    own = RN.settings_from_args(build_parser().parse_args(_args(tmp_path / "o", reg2, reader)))
+    fixed = RN.settings_from_args(build_parser().parse_args(_args(tmp_path / "o", reg2, reader,
+                                                                  "--guidance-scale", "1.5")))
+    rsha = RN._reader_sha(RN.Context(own, tmp_path, "").reader)
+    before = (RN.fingerprint(own, rsha, "dh_small"), RN.fingerprint(fixed, rsha, "dh_small"))
+    assert before[0] != before[1]  # the explicit scale itself counts
+    for m in data["models"]:
+        m["guidance_scale"] = {"dh_small": 2.0}
+    reg2.write_text(json.dumps(data))
+    after = (RN.fingerprint(own, rsha, "dh_small"), RN.fingerprint(fixed, rsha, "dh_small"))
+    assert after[0] != before[0] and after[1] == before[1]

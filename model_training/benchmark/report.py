@@ -22,7 +22,7 @@ METHOD_LABELS = {"weighted": "Weighted", "masked": "Masked", "repaint": "RePaint
 CSV_COLUMNS = ["seed", "level", "condition", "method", "sample", "sigma_mm", "paste_mode", "model_id", "cos", "r2",
                "sharp", "sharp_native", "geom_metric", "geom", "geom_truth", "geom_healthy", "geom_ratio",
                "cos_ceiling", "r2_ceiling", "sharp_ceiling", "geom_ceiling_ratio", "present_prob", "present",
-               "reader_class", "present_ceiling", "nfe", "seconds", "cpu_seconds", "seconds_per_sample"]
+               "reader_class", "graded", "present_ceiling", "nfe", "seconds", "cpu_seconds", "seconds_per_sample"]
 MEAN_METRICS = ("cos", "r2", "sharp", "sharp_native", "geom_ratio", "cos_ceiling", "r2_ceiling", "sharp_ceiling",
                 "geom_ceiling_ratio", "present_prob", "present", "present_ceiling")
 
@@ -64,11 +64,19 @@ def fmt_ci(d: dict, nd=2) -> str:
     return f"{d['mean']:.{nd}f}"
 
 
+def graded(row: dict) -> float:
+    """1 when the reader's 5-class call of an output is the condition asked for (the severity is honoured: a small
+    herniation drawn as large, or too faint to read, is 0), 0 otherwise; NaN without a reader."""
+    cls = row.get("reader_class")
+    return float(cls == row["condition"]) if cls else float("nan")
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
+            r = {**r, "graded": graded(r)}
             w.writerow({k: (f"{r[k]:.5g}" if isinstance(r.get(k), float) and math.isfinite(r[k]) else
                             ("" if isinstance(r.get(k), float) or r.get(k) is None else r[k])) for k in CSV_COLUMNS})
 
@@ -127,6 +135,8 @@ def aggregate(cases, methods, n_boot: int) -> dict:
             vals = [float("nan") if v is None else float(v) for v in vals]
             mean, lo, hi = ST.grouped_mean_ci(vals, groups, n_boot)
             d[k] = {"mean": mean, "lo": lo, "hi": hi}
+        mean, lo, hi = ST.grouped_mean_ci([graded(r) for r in rows], groups, n_boot)
+        d["graded"] = {"mean": mean, "lo": lo, "hi": hi}
         pres = [int(r["present"]) for r in rows if r.get("present") is not None]
         p, lo, hi = ST.wilson(sum(pres), len(pres))
         d["present_wilson"] = {"mean": p, "lo": lo, "hi": hi, "k": sum(pres), "n": len(pres)}
@@ -206,9 +216,10 @@ def table1_md(summary_cells: dict, methods, conditions, sigma_label: str) -> str
              "Shape against the paired truth (mean [95 % CI over cases]; ceiling = the truth's own autoencoder "
              "reconstruction pasted the same way):", "",
              "| Condition | Method | n (cases/outputs) | cos | cos ceiling | R^2 | sharp | geometry ratio | "
-             "present rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "present rate | graded as asked |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"{head}{d['n_cases']}/{d['n_outputs']} | {fmt_ci(d['cos'])} | {fmt_ci(d['cos_ceiling'])} | "
-              f"{fmt_ci(d['r2'])} | {fmt_ci(d['sharp'])} | {fmt_ci(d['geom_ratio'])} | {fmt_ci(d['present'])} |"
+              f"{fmt_ci(d['r2'])} | {fmt_ci(d['sharp'])} | {fmt_ci(d['geom_ratio'])} | {fmt_ci(d['present'])} | "
+              f"{fmt_ci(d.get('graded'))} |"
               for head, d in _cells(summary_cells, methods, conditions)]
     lines += ["", "Distribution, realism and diversity (FID/KID: Inception features of the central sagittal slices, "
                   "generated vs true crops; C2ST AUC 0.5 = indistinguishable; C2ST ceiling = the same test on the "

@@ -127,7 +127,8 @@ def fingerprint(settings, reader_sha: str | None, condition: str | None = None) 
 def _models_digest(settings, condition: str) -> dict:
     """{method: the resolved registry entry (weights by sha256, no paths) and the values of its model config} of the
     models a case of ``condition`` runs: a changed config default (e.g. ``sampling.decode_quantize``) recomputes the
-    cases just as new weights do."""
+    cases just as new weights do. With an explicit ``--guidance-scale`` the entry's own ``guidance_scale`` is left
+    out (it does not change the outputs then): a new registry default keeps a guidance sweep's cases."""
     from spine_ldm import pipeline, registry as reg
     from spine_ldm.models.config import config_to_dict
 
@@ -138,6 +139,8 @@ def _models_digest(settings, condition: str) -> dict:
         j = e.to_json()
         j["files"] = {k: f.sha256 for k, f in e.files.items()}
         j["config_values"] = config_to_dict(reg.load_config_for(e))
+        if settings.get("guidance_scale") is not None:
+            j.pop("guidance_scale", None)
         out[m] = j
     return out
 
