@@ -66,69 +66,45 @@ def collapsed_names(path: Path) -> list[str]:
 
 
 def fill(panel) -> None:
-    """A typical case: the synthetic phantom, its landmark and disc centres, a small herniation at L4-L5."""
-    from PySide6 import QtWidgets
+    """A typical case: the synthetic phantom, its landmark and disc centres, a small herniation at L4-L5 (a widget
+    the .ui no longer has is an error: the preview must follow the panel)."""
+    from PySide6 import QtWidgets as W
+
+    def get(cls, name):
+        widget = panel.findChild(cls, name)
+        if widget is None:
+            raise SystemExit(f"{UI.name} has no {cls.__name__} {name!r}: update docs/panel_preview.py")
+        return widget
 
     for name in collapsed_names(UI):  # as Slicer shows a collapsed ctkCollapsibleButton: the title bar only
-        box = panel.findChild(QtWidgets.QGroupBox, name)
-        if box is not None:
-            for child in box.findChildren(QtWidgets.QWidget):
-                child.hide()
-            box.setFixedHeight(24)
-
-    def find(cls, name):
-        return panel.findChild(cls, name)
-
+        box = get(W.QGroupBox, name)
+        for child in box.findChildren(W.QWidget):
+            child.hide()
+        box.setFixedHeight(24)
     for name, text in (("inputVolumeSelector", "SpinePhantom"), ("landmarkSelector", "SpinePhantom landmark"),
-                       ("discCentersSelector", "SpinePhantom disc centres")):
-        box = find(QtWidgets.QComboBox, name)
-        if box is not None:
-            box.addItem(text)
-    lbl = find(QtWidgets.QLabel, "levelSuggestionLabel")
-    if lbl is not None:
-        lbl.setText("Nearest disc centre: L4-L5 (7.5 mm from the landmark)")
-    sev = find(QtWidgets.QComboBox, "severityComboBox")
-    if sev is not None and sev.count() == 0:
+                       ("discCentersSelector", "SpinePhantom disc centres"),
+                       ("modelComboBox", "default (demo-small-weighted-dh)")):
+        get(W.QComboBox, name).addItem(text)
+    sev = get(W.QComboBox, "severityComboBox")
+    if sev.count() == 0:  # the module fills it per pathology
         sev.addItems(["moderate/large", "small"])
-    if sev is not None:
-        sev.setCurrentText("small")
-    model = find(QtWidgets.QComboBox, "modelComboBox")
-    if model is not None:
-        model.addItem("default (demo-small-weighted-dh)")
-    status = find(QtWidgets.QLabel, "modelStatusLabel")
-    if status is not None:
-        status.setText("Default for this case: demo-small-weighted-dh")
-    info = find(QtWidgets.QLabel, "deviceInfoLabel")
-    if info is not None:
-        info.setText("running on CPU, expect ~5 s")
-    place = find(QtWidgets.QPushButton, "landmarkPlaceWidget")
-    if place is not None:  # the module hides its place button (placeLandmarkButton creates the list on demand)
-        place.hide()
-    level = find(QtWidgets.QComboBox, "levelComboBox")
-    if level is not None:
-        level.setCurrentText("L4-L5")
-    for name in ("applyButton", "showCompareButton"):
-        button = find(QtWidgets.QPushButton, name)
-        if button is not None:
-            button.setEnabled(True)
-    seed = find(QtWidgets.QSpinBox, "seedSpinBox")
-    if seed is not None:
-        seed.setValue(7)
-    cancel = find(QtWidgets.QPushButton, "cancelButton")
-    if cancel is not None:
-        cancel.setEnabled(False)
-    bar = find(QtWidgets.QProgressBar, "progressBar")
-    if bar is not None:
-        bar.setValue(100)
-        bar.setFormat("Done: 1 volume(s) in 5 s")
-    text = find(QtWidgets.QLabel, "statusLabel")
-    if text is not None:
-        text.setText("Done: 1 volume(s) in 5 s")
-    log = panel.findChild(QtWidgets.QPlainTextEdit)
-    if log is not None:
-        log.setPlainText("dh_small at L4-L5 (suggested), landmark RAS (0.5, -31.7, -51.7), methods weighted, "
-                         "1 sample(s), seed 7, 50 steps, the model's sigma, the model's guidance on warm local "
-                         "backend\nrun 1/1: weighted\nDone: 1 volume(s) in 5 s")
+    sev.setCurrentText("small")
+    get(W.QComboBox, "levelComboBox").setCurrentText("L4-L5")
+    get(W.QSpinBox, "seedSpinBox").setValue(7)
+    done = "Done: 1 volume(s) in 5 s"
+    for name, text in (("levelSuggestionLabel", "Nearest disc centre: L4-L5 (7.5 mm from the landmark)"),
+                       ("modelStatusLabel", "Default for this case: demo-small-weighted-dh"),
+                       ("deviceInfoLabel", "running on CPU, expect ~5 s"), ("statusLabel", done)):
+        get(W.QLabel, name).setText(text)
+    get(W.QPushButton, "landmarkPlaceWidget").hide()  # the module hides it (placeLandmarkButton places)
+    for name, enabled in (("applyButton", True), ("showCompareButton", True), ("cancelButton", False)):
+        get(W.QPushButton, name).setEnabled(enabled)
+    bar = get(W.QProgressBar, "progressBar")
+    bar.setValue(100)
+    bar.setFormat(done)
+    panel.findChild(W.QPlainTextEdit).setPlainText(
+        "dh_small at L4-L5 (suggested), landmark RAS (0.5, -31.7, -51.7), methods weighted, 1 sample(s), seed 7, "
+        "50 steps, the model's sigma, the model's guidance on warm local backend\nrun 1/1: weighted\n" + done)
 
 
 def main(argv=None) -> int:
