@@ -614,7 +614,7 @@ def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_
     from model_training.demo_weights import FAMILY_FINETUNE, finetune_config, guidance_extra
 
     assert FAMILY_FINETUNE == {"dh": {"steps": 10000, "condition_repeat": {"dh_small": 2}, "healthy_fraction": 0.2,
-                                      "guidance_scale": {"dh_small": 2.0}}}  # the bundled herniation models
+                                      "guidance_scale": {"dh_small": 2.0, "dh_moderate_large": 1.25}}}  # bundled
     base = {"sigma_mm": 8.0, "steps": 12000, "lr": 1e-3}
     assert finetune_config("weighted", "dh", base, None, tmp_path / "unet.pt")["steps"] == 10000
     ft = finetune_config("weighted", "dh", base, 12000, tmp_path / "unet.pt")
@@ -625,7 +625,7 @@ def test_demo_recipe_sigma_per_family_and_runs_of_another_sigma_are_refused(tmp_
     assert finetune_config("weighted", "dh", base, 0) is None
     with pytest.raises(InputError, match="--finetune-steps must be >= 0"):
         finetune_config("weighted", "dh", base, -1)
-    assert guidance_extra("weighted", "dh", True) == {"guidance_scale": {"dh_small": 2.0}}
+    assert guidance_extra("weighted", "dh", True) == {"guidance_scale": {"dh_small": 2.0, "dh_moderate_large": 1.25}}
     assert guidance_extra("weighted", "dh", False) == {} and guidance_extra("full", "dh", True) == {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(FAMILY_FINETUNE, "dh", {**FAMILY_FINETUNE["dh"], "healthy_fraction": 0.0, "guidance_scale": 2.5})

@@ -30,8 +30,9 @@ SIGMA_RANGE_MM = (0.5, 100.0)
 MODEL_SIGMA = 0.0
 #: Classifier-free guidance scales the panel offers (the backend also takes 0..1, a research setting: the CLI).
 GUIDANCE_RANGE = (1.0, 20.0)
-#: guidanceScale value meaning "the model's own" (registry ``guidance_scale``: the bundled DH small models 2, every
-#: other condition 1 = unguided); the panel's guidance box shows it as "model's".
+#: guidanceScale value meaning "the model's own" (registry ``guidance_scale``: the bundled herniation models 2 for
+#: DH small and 1.25 for DH moderate/large, the stenosis models 1 = unguided); the panel's guidance box shows it as
+#: "model's".
 MODEL_GUIDANCE = 0.0
 
 #: Pathology combo box entries (panel) -> severities. "none" = healthy (no pathology inserted).
