@@ -118,7 +118,8 @@ class InpaintJob:
             "warm local backend" if self.logic.useWarmWorker() else "local backend"
         return (f"{r.condition} at {r.level} ({'suggested' if r.levelSource == 'suggested' else 'chosen'}), landmark "
                 f"RAS ({lm}), methods {', '.join(self.methods)}, {self.params.samples} sample(s), seed "
-                f"{self.params.seed}, {self.params.steps} steps, {self.params.sigmaText()}, {self.params.guidanceText()} on {where}")
+                f"{self.params.seed}, {self.params.steps} steps, {self.params.sigmaText()}, "
+                f"{self.params.guidanceText()} on {where}")
 
     def _startNext(self) -> None:
         self.runIndex += 1
