@@ -47,7 +47,8 @@ FAKE_BACKEND = textwrap.dedent(r'''
     p.add_argument("--disc-center"); p.add_argument("--level"); p.add_argument("--condition")
     p.add_argument("--method", default="weighted"); p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sigma-mm", type=float); p.add_argument("--guidance-scale", type=float); p.add_argument("--device"); p.add_argument("--model")
+    p.add_argument("--sigma-mm", type=float); p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--device"); p.add_argument("--model")
     p.add_argument("--registry"); p.add_argument("--out"); p.add_argument("--progress")
     a = p.parse_args()
     mode = os.environ.get("FAKE_MODE", "ok")
@@ -315,7 +316,8 @@ def test_parameters_validation():
                           backend="remote", remoteUrl="https://gpu:8000")
     assert p.validate() == [] and p.normalized() == p
     bad = InpaintParameters(samples=0, sigmaMm=0.1, level="L6-L7", method="x", guidanceScale=0.5).validate()
-    assert len(bad) == 5 and "Guidance must be 1..20, or 0 for the model's own (got 0.5)." in bad and "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm, or 0 for the model's own (got 0.1)." in bad
+    assert len(bad) == 5 and "Guidance must be 1..20, or 0 for the model's own (got 0.5)." in bad
+    assert "Samples must be 1..16 (got 0)." in bad and "Sigma must be 0.5..100 mm, or 0 for the model's own (got 0.1)." in bad
     assert conditionFromPathologySeverity("dh", "moderate_large") == "dh_moderate_large"
     assert conditionFromPathologySeverity("none", "") == "none"
     assert pathologySeverityFromCondition("ccs_moderate") == ("ccs", "moderate")

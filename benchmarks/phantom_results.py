@@ -73,7 +73,8 @@ def headline(summary: dict) -> str:
                 rows.append(f"| {c} | {m} | {used} | {d['n_cases']} | {_cell(d, 'cos')} | "
                             f"{_cell(d, 'cos_ceiling')} | "
                             f"{_cell(d, 'r2')} | {_cell(d, 'sharp')} | {_cell(d, 'geom_ratio')} | "
-                            f"{_cell(d, 'present')} | {_cell(d, 'graded')} | {_cell(d, 'c2st_auc')} | {_cell(d, 'c2st_auc_ceiling')} | "
+                            f"{_cell(d, 'present')} | {_cell(d, 'graded')} | {_cell(d, 'c2st_auc')} | "
+                            f"{_cell(d, 'c2st_auc_ceiling')} | "
                             f"{_cell(d, 'fid', 1)} | {_cell(d, 'kid', 3)} |")
     return "\n".join(rows)
 

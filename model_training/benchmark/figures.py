@@ -4,7 +4,8 @@
   ``--figure-cases`` seeds): the sagittal slice through the landmark (anterior left, superior up) and the axial
   reformat perpendicular to the canal (anterior up, patient right on the left); columns healthy | truth | each
   method's K samples. Same grey window per case (the healthy slice's 1st-99.5th percentile); landmark: a crosshair
-  with a gap; the dashed circle is the W > 0.1 region (the baselines' ROI) where the plane cuts it; number = the output's cos.
+  with a gap; the dashed circle is the W > 0.1 region (the baselines' ROI) where the plane cuts it; number = the
+  output's cos.
 * ``summary.png``: bar chart per condition (rows) and metric (columns) with 95 % intervals; the cos panel marks the
   ceiling (the truth's autoencoder reconstruction) with a black tick.
 * ``sigma_sweep.png`` (``--sigma-sweep``): cos, R^2, sharpness and present rate against sigma per method.
