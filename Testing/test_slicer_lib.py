@@ -326,6 +326,23 @@ def test_parameters_validation():
     assert p.methodsToRun() == ["weighted", "masked", "repaint"]
 
 
+def test_panel_guidance_bound_is_the_backends():
+    """The panel offers scales up to the backend's bound (one home: spine_ldm.conditions); one above it is refused
+    by the panel's validation and by the sampler alike."""
+    from SpineInpaintLib.parameters import GUIDANCE_RANGE
+    from spine_ldm.diffusion.samplers import unet_model_fn
+    from spine_ldm.errors import InputError
+
+    top = GUIDANCE_RANGE[1]
+    assert InpaintParameters(guidanceScale=top).validate() == []
+    unet_model_fn(None, 0, 1, guidance_scale=top)  # accepted (nothing is evaluated until called)
+    over = top + 0.5
+    assert InpaintParameters(guidanceScale=over).validate() == [f"Guidance must be 1..{top:g}, or 0 for the model's own "
+                                                               f"(got {over:g})."]
+    with pytest.raises(InputError, match=f"between 0 and {top:g}"):
+        unet_model_fn(None, 0, 1, guidance_scale=over)
+
+
 # ---------------------------------------------------------------------------------------------- runner
 def test_parse_event_lines_and_messages():
     assert runner.parseEventLine('{"event": "progress", "step": 3, "of": 51}\n') == \

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from spine_ldm.conditions import CONDITIONS, LEVELS, PATHOLOGIES, parse_condition, parse_level
+from spine_ldm.conditions import GUIDANCE_RANGE as _BACKEND_GUIDANCE
 
 #: Inpainting methods understood by the backend (``spine-ldm inpaint --method``) and their panel labels.
 METHODS = ("weighted", "masked", "repaint")
@@ -28,8 +29,9 @@ SIGMA_RANGE_MM = (0.5, 100.0)
 #: sigmaMm value meaning "the sigma the selected model was trained with" (registry ``training.sigma_mm``: the bundled
 #: herniation models 8 mm, the stenosis models 16 mm); the panel's sigma box shows it as "model's".
 MODEL_SIGMA = 0.0
-#: Classifier-free guidance scales the panel offers (the backend also takes 0..1, a research setting: the CLI).
-GUIDANCE_RANGE = (1.0, 20.0)
+#: Classifier-free guidance scales the panel offers: the backend's range from 1 up (it also takes 0..1, a research
+#: setting: the CLI).
+GUIDANCE_RANGE = (1.0, _BACKEND_GUIDANCE[1])
 #: guidanceScale value meaning "the model's own" (registry ``guidance_scale``: the bundled herniation models 2 for
 #: DH small and 1.25 for DH moderate/large, the stenosis models 1 = unguided); the panel's guidance box shows it as
 #: "model's".

@@ -15,6 +15,9 @@ CONDITION_LABELS = {
     "ccs_moderate": "CCS-moderate",
     "ccs_severe": "CCS-severe",
 }
+#: Classifier-free guidance scales accepted against the healthy condition "none" (1 = the plain conditional
+#: prediction, 0 = the healthy one): the one home of the bounds (samplers, pipeline, Slicer panel).
+GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)
 
 
 def parse_level(name: str) -> str:

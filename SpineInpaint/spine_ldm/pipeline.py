@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .conditions import condition_index, level_index, parse_condition, parse_level
+from .conditions import GUIDANCE_RANGE, condition_index, level_index, parse_condition, parse_level
 from .errors import CancelledError, InputError, ModelError
 
 METHODS = ("weighted", "masked", "repaint")
@@ -224,7 +224,6 @@ def model_guidance(entry, guidance_scale: float | None = None, condition: str | 
     1 = none when it records none. A scale != 1 needs a model that learned the healthy condition (registry
     ``training.healthy_fraction`` > 0, or "none" among ``training.conditions`` as for the full models): otherwise
     its healthy prediction is an untrained embedding, and that is an InputError."""
-    from .diffusion.samplers import GUIDANCE_RANGE
     from .registry import training_info
 
     value = entry.extra.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale

@@ -42,13 +42,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..conditions import GUIDANCE_RANGE
 from ..errors import CancelledError, InputError
 from .schedule import NoiseSchedule
 from .steps import ddim_step, ddpm_step, plms_eps, renoise
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-#: the classifier-free guidance scales :func:`unet_model_fn` (and the pipeline) accept
-GUIDANCE_RANGE = (0.0, 20.0)
 
 
 def unet_model_fn(unet, level_idx, cond_idx, w: torch.Tensor | None = None, guidance_scale: float = 1.0,
