@@ -158,6 +158,41 @@ def test_autoencoder_training_decreases_reconstruction_error(ae_run):
     assert not any("train/adversarial" in r for r in lines if r["step"] <= 8)  # adversarial warm-up
 
 
+def test_decoder_finetune_keeps_the_latent_space_bit_identical(manifest, ae_run, tmp_path):
+    """train: decoder starts from init_weights (here float16, as exported) and changes only the decoder: encoder,
+    codebook and latent_scale come out bit-identical (the LDMs trained on those latents stay valid), the decoder
+    moves and its unquantized reconstruction error falls; run.json records the mode and the init's sha256."""
+    from model_training.train_autoencoder import eval_l1, load_autoencoder, train_autoencoder
+
+    src = torch.load(ae_run / "autoencoder.pt", weights_only=True)
+    half = tmp_path / "init.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in src.items()}, half)
+    init = {k: v.float() if v.is_floating_point() else v for k, v in torch.load(half, weights_only=True).items()}
+    kw = dict(manifest=manifest, device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
+    out = tmp_path / "dec"
+    train_autoencoder(_tiny(steps=10, checkpoint_every=5, lr=2e-3, disc_start=4, init_weights=str(half),
+                            train="decoder"), out, **kw)
+    got = torch.load(out / "autoencoder.pt", weights_only=True)
+    frozen = [k for k in init if not k.startswith("decoder.")]
+    assert "latent_scale" in frozen and any(k.startswith("quantizer.") for k in frozen)
+    for k in frozen:
+        assert torch.equal(got[k], init[k]), k
+    assert any(not torch.equal(got[k], init[k]) for k in init if k.startswith("decoder."))
+    info = C.read_run_info(out)
+    assert info["train"] == "decoder" and info["init_weights_sha256"] == C.file_sha256(half)
+    assert info["latent_scale"] == float(init["latent_scale"])
+    assert info["eval_l1_final_ema"] < info["eval_l1_initial"], info
+    ae, _, _ = load_autoencoder(out / "autoencoder.pt")
+    x = torch.rand(2, 1, 64, 32, 16)
+    base, _, _ = load_autoencoder(half)
+    assert torch.equal(ae.encode(x), base.encode(x))  # same latents: the LDMs' training data is unchanged
+    assert eval_l1(ae, x, quantize=False) != eval_l1(base, x, quantize=False)
+    with pytest.raises(InputError, match="set init_weights"):
+        train_autoencoder(_tiny(steps=1, train="decoder"), tmp_path / "noinit", **kw)
+    with pytest.raises(InputError, match="train must be 'all' or 'decoder'"):
+        train_autoencoder(_tiny(steps=1, train="encoder"), tmp_path / "bad", **kw)
+
+
 def test_roi_l1_counts_only_the_weighted_region():
     from model_training.train_autoencoder import roi_l1
 

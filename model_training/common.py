@@ -220,6 +220,32 @@ def state_dict_sha256(sd: dict) -> str:
     return h.hexdigest()
 
 
+def load_init_weights(model: torch.nn.Module, path, what: str = "model") -> str | None:
+    """``init_weights``: start ``model`` (and so its EMA) from a state dict instead of the random initialisation,
+    e.g. to fine-tune an exported model (float16 tensors are cast to the model's dtype). A checkpoint of a resumed
+    run replaces it. Returns the file's sha256 (recorded in run.json), None without ``init_weights``."""
+    from spine_ldm.errors import InputError
+
+    if not path:
+        return None
+    p = Path(str(path))
+    if not p.is_file():
+        raise InputError(f"init_weights {p} is not a file")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise InputError(f"init_weights {p} is not a state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        why = missing[:1] and f"missing {missing[0]!r}" or extra[:1] and f"unexpected {extra[0]!r}" or \
+            f"shape of {bad[0]!r} {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
+        raise InputError(f"init_weights {p} does not fit this {what} config ({why})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    return file_sha256(p)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

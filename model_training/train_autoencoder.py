@@ -14,6 +14,13 @@ AdamW for generator and discriminator, gradient clipping, gradient accumulation,
 Every ``checkpoint_every`` steps ``RUN_DIR/checkpoints/last.pt`` is replaced atomically; ``--resume`` continues
 from it with the same step, optimizer/scaler state, EMA and RNG states (per rank).
 
+``init_weights: PT`` starts from an autoencoder state dict (e.g. an exported one; its sha256 goes into run.json).
+``train: decoder`` (needs ``init_weights``) fine-tunes only the decoder: the encoder, the codebook and
+``latent_scale`` stay bit-identical, so the latent space, and every LDM trained on it, stays valid. The decoder
+learns on the encoder's *unquantized* output, the pipeline's default decode path (``decode(encode(x),
+quantize=False)``, and how sampled latents are decoded: ``sampling.decode_quantize`` off); no quantization loss,
+no codebook restarts, no latent-scale refit.
+
 At the end ``latent_scale = 1/std(encoder output)`` is fitted on the EMA model and ``RUN_DIR/autoencoder.pt``
 (EMA state dict, what ``export`` and ``train-ldm --autoencoder`` use) plus ``RUN_DIR/run.json`` are written.
 """
@@ -71,10 +78,23 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
                                   cache_dir=cache_dir, pathology_repeat=cfg.get("pathology_repeat", 1))
 
     ae, disc, loss_fn = _build(model_cfg, dev)
+    init_sha = C.load_init_weights(ae, cfg.get("init_weights"), "autoencoder")
+    part = str(cfg.get("train", "all"))
+    if part not in ("all", "decoder"):
+        from spine_ldm.errors import InputError
+        raise InputError(f"train must be 'all' or 'decoder', got {part!r}")
+    decoder_only = part == "decoder"
+    if decoder_only:
+        if init_sha is None:
+            from spine_ldm.errors import InputError
+            raise InputError("train: decoder fine-tunes the decoder of a trained autoencoder: set init_weights")
+        ae.encoder.requires_grad_(False)
+        ae.quantizer.requires_grad_(False)
     ema = C.EMA(ae, float(cfg.get("ema_decay", 0.999)))
     betas = tuple(cfg.get("betas", (0.5, 0.9)))
     wd = float(cfg.get("weight_decay", 0.0))
-    opt_g = torch.optim.AdamW(ae.parameters(), lr=float(cfg["lr"]), betas=betas, weight_decay=wd)
+    opt_g = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=float(cfg["lr"]), betas=betas,
+                              weight_decay=wd)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=float(cfg.get("lr_d", cfg["lr"])), betas=betas, weight_decay=wd)
     autocast, scaler_g, amp_mode = C.amp_setup(dev, cfg.get("amp", "auto"))
     scaler_d = torch.amp.GradScaler("cuda") if scaler_g is not None else None
@@ -96,7 +116,7 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
         start = C.restore_rank_rng(st, env.rank, env.world_size, seed)
     elif resume and env.is_main and not quiet:
         print(f"[train-autoencoder] --resume: no checkpoint in {out}, starting from step 0", flush=True)
-    if start == 0:  # data-dependent codebook init (anti-collapse), identical on every rank
+    if start == 0 and init_sha is None:  # data-dependent codebook init (anti-collapse), identical on every rank
         if env.is_main:
             x0 = torch.cat([b for b in _batches(dataset, 2, int(cfg["batch_size"]), seed)]).to(dev)
             ae.init_codebook(x0)
@@ -107,11 +127,11 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
         ema = C.EMA(ae, float(cfg.get("ema_decay", 0.999)))
     ema.to(dev)
 
-    model, dmodel = ae, disc
+    model, dmodel = (_DecoderOnly(ae) if decoder_only else ae), disc
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [dev.index] if dev.type == "cuda" else None
-        model = DDP(ae, device_ids=ids)
+        model = DDP(model, device_ids=ids)
         dmodel = DDP(disc, device_ids=ids)
 
     steps = int(cfg["steps"])
@@ -132,16 +152,20 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
         prev = C.read_run_info(out) if (start > 0 and (out / "run.json").is_file()) else {}
         C.write_run_info(out, {**{k: v for k, v in prev.items() if k.endswith("_initial")}, "kind": KIND, "train_config": cfg, "model_config": config_to_dict(model_cfg),
                                "world_size": env.world_size, "amp": amp_mode, "device": str(dev),
-                               "dataset_size": len(dataset), "status": "running"})
+                               "dataset_size": len(dataset), "status": "running", "train": part,
+                               **({"init_weights_sha256": init_sha} if init_sha else {})})
     fixed_x = torch.cat([b for b in _batches(dataset, 1, min(8, len(dataset)), seed + 1)]).to(dev)
     if start == 0 and env.is_main:
-        C.write_run_info(out, {**C.read_run_info(out), "eval_l1_initial": eval_l1(ae, fixed_x)})
+        C.write_run_info(out, {**C.read_run_info(out), "eval_l1_initial": eval_l1(ae, fixed_x, not decoder_only)})
     last = {}
     t0 = time.time()
     step = start
     for step in range(start, stop):
         ae.train()
         disc.train()
+        if decoder_only:  # the frozen part must not update the codebook's EMA statistics either
+            ae.encoder.eval()
+            ae.quantizer.eval()
         use_adv = step >= disc_start
         opt_g.zero_grad(set_to_none=True)
         pairs = []
@@ -178,7 +202,7 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
             _step(opt_d, scaler_d, disc.parameters(), clip)
         restart_every = int(cfg.get("codebook_restart_every", 0) or 0)
         n_restarted = 0
-        if restart_every and (step + 1) % restart_every == 0 and step + 1 <= 0.8 * steps:
+        if restart_every and not decoder_only and (step + 1) % restart_every == 0 and step + 1 <= 0.8 * steps:
             n_restarted = restart_dead_codes(ae, pairs[-1][0], float(cfg.get("codebook_restart_threshold", 1.0)), env)
         ema.update(ae)
         done = step + 1
@@ -195,7 +219,8 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
             logger.image_grid(done, "recon/input_vs_reconstruction", torch.cat([x[:4], rec[:4]]).float(), nrow=min(4, len(x)))
         if done % ck_every == 0 or done == stop:
             if env.is_main:
-                logger.scalars(done, {"l1": eval_l1(ae, fixed_x), "l1_ema": eval_l1(ema.shadow, fixed_x)},
+                q = not decoder_only
+                logger.scalars(done, {"l1": eval_l1(ae, fixed_x, q), "l1_ema": eval_l1(ema.shadow, fixed_x, q)},
                                prefix="eval")
             _checkpoint(out, env, done, ae, disc, ema, opt_g, opt_d, scaler_g, scaler_d, cfg, model_cfg,
                         int(cfg.get("keep_every", 0) or 0))
@@ -203,14 +228,18 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
     if env.distributed:  # per-rank parameter hash (before rank 0 fits latent_scale): replicas must be identical
         C.atomic_write_text(out / f"param_sha256_rank{env.rank}.txt", C.state_dict_sha256(ae.state_dict()))
     if stop >= steps and env.is_main:
-        scale = _fit_latent_scale(ema.shadow, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
-        _fit_latent_scale(ae, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
+        if decoder_only:  # the latent space is the init's: its scale stays
+            scale = float(ema.shadow.latent_scale)
+        else:
+            scale = _fit_latent_scale(ema.shadow, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
+            _fit_latent_scale(ae, dataset, int(cfg.get("latent_scale_batches", 8)), bs, dev, seed)
         C.atomic_torch_save({k: v.detach().cpu() for k, v in ema.shadow.state_dict().items()}, out / "autoencoder.pt")
         C.atomic_torch_save({k: v.detach().cpu() for k, v in ae.state_dict().items()}, out / "autoencoder_raw.pt")
         usage = _usage_over(ema.shadow, dataset, bs, dev)
         info = C.read_run_info(out)
         info.update({"status": "complete", "steps_done": stop, "latent_scale": scale, "codebook_usage": usage,
-                     "eval_l1_final": eval_l1(ae, fixed_x), "eval_l1_final_ema": eval_l1(ema.shadow, fixed_x),
+                     "eval_l1_final": eval_l1(ae, fixed_x, not decoder_only),
+                     "eval_l1_final_ema": eval_l1(ema.shadow, fixed_x, not decoder_only),
                      "final_losses": last, "weights": "autoencoder.pt", "seconds": round(time.time() - t0, 1)})
         C.write_run_info(out, info)
         final.update({"latent_scale": scale, "codebook_usage": usage, "weights": str(out / "autoencoder.pt")})
@@ -228,13 +257,28 @@ def roi_l1(x: torch.Tensor, recon: torch.Tensor, weight: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def eval_l1(ae, x) -> float:
-    """L1 reconstruction error on a fixed batch in eval mode (codebook frozen)."""
+def eval_l1(ae, x, quantize: bool = True) -> float:
+    """L1 reconstruction error on a fixed batch in eval mode (codebook frozen); ``quantize=False``: the
+    unquantized decode path (``decoder(encoder(x))``)."""
     was = ae.training
     ae.eval()
-    recon, _ = ae(x)
+    recon = ae(x)[0] if quantize else ae.decoder(ae.encoder(x))
     ae.train(was)
     return float((recon.float() - x.float()).abs().mean())
+
+
+class _DecoderOnly(torch.nn.Module):
+    """``train: decoder``'s forward: the frozen encoder's unquantized output through the decoder (zero
+    quantization loss); a module so that DDP syncs the decoder's gradients."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.ae.encoder(x)
+        return self.ae.decoder(h), h.new_zeros(())
 
 
 @torch.no_grad()

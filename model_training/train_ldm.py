@@ -211,7 +211,7 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
 
     schedule = NoiseSchedule.from_config(model_cfg)
     unet = build_unet(model_cfg).to(dev)
-    init_sha = _load_init_weights(unet, cfg.get("init_weights"))
+    init_sha = C.load_init_weights(unet, cfg.get("init_weights"), "U-Net")
     ema = C.EMA(unet, float(cfg.get("ema_decay", 0.999)))
     opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))),
                             weight_decay=float(cfg.get("weight_decay", 0.0)))
@@ -316,30 +316,6 @@ def _train(cfg, method, autoencoder, out: Path, manifest, dataset, resume, env, 
     env.barrier()
     logger.close()
     return final
-
-
-def _load_init_weights(unet, path) -> str | None:
-    """``init_weights``: start the U-Net (and so its EMA) from a state dict instead of the random initialisation,
-    e.g. to fine-tune an exported model (float16 tensors are cast to the model's dtype). A checkpoint of a resumed
-    run replaces it. Returns the file's sha256 (recorded in run.json), None without ``init_weights``."""
-    if not path:
-        return None
-    p = Path(str(path))
-    if not p.is_file():
-        raise InputError(f"init_weights {p} is not a file")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise InputError(f"init_weights {p} is not a state dict")
-    own = unet.state_dict()
-    missing = sorted(set(own) - set(sd))
-    extra = sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or extra or bad:
-        what = missing[:1] and f"missing {missing[0]!r}" or extra[:1] and f"unexpected {extra[0]!r}" or \
-            f"shape of {bad[0]!r} {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
-        raise InputError(f"init_weights {p} does not fit this U-Net config ({what})")
-    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
-    return C.file_sha256(p)
 
 
 def _fixed_batch(data, ae, model_cfg, sigma, dev, method, n: int = 8):
