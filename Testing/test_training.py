@@ -158,19 +158,26 @@ def test_autoencoder_training_decreases_reconstruction_error(ae_run):
     assert not any("train/adversarial" in r for r in lines if r["step"] <= 8)  # adversarial warm-up
 
 
-def test_decoder_finetune_keeps_the_latent_space_bit_identical(manifest, ae_run, tmp_path):
-    """train: decoder starts from init_weights (here float16, as exported) and changes only the decoder: encoder,
+def test_decoder_finetune_keeps_the_latent_space_and_swaps_into_the_registry(manifest, ae_run, ldm_runs, tmp_path,
+                                                                              capsys):
+    """train: decoder starts from init_weights (the registered autoencoder) and changes only the decoder: encoder,
     codebook and latent_scale come out bit-identical (the LDMs trained on those latents stay valid), the decoder
-    moves and its unquantized reconstruction error falls; run.json records the mode and the init's sha256."""
+    moves and its reconstruction error falls; run.json records the mode and the init's sha256. export-decoder
+    puts it in place of the registered one for every entry sharing it (same file, new sha256, verified), and
+    refuses a run that is not a decoder fine-tune, one whose latent space moved, and a registry without its init."""
+    from model_training.export import export_decoder, export_run
     from model_training.train_autoencoder import eval_l1, load_autoencoder, train_autoencoder
+    from spine_ldm import registry as R
 
-    src = torch.load(ae_run / "autoencoder.pt", weights_only=True)
-    half = tmp_path / "init.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in src.items()}, half)
-    init = {k: v.float() if v.is_floating_point() else v for k, v in torch.load(half, weights_only=True).items()}
+    reg = tmp_path / "Models.json"
+    R.write_registry(reg, [])
+    for m in ("weighted", "full"):
+        export_run(ldm_runs[m], f"t-{m}", reg, autoencoder_name="t-ae")
+    ae_file = tmp_path / "Models" / "t-ae.pt"
+    init = torch.load(ae_file, weights_only=True)
     kw = dict(manifest=manifest, device="cpu", cache_dir=manifest.parent / "cache", quiet=True)
     out = tmp_path / "dec"
-    train_autoencoder(_tiny(steps=10, checkpoint_every=5, lr=2e-3, disc_start=4, init_weights=str(half),
+    train_autoencoder(_tiny(steps=10, checkpoint_every=5, lr=2e-3, disc_start=4, init_weights=str(ae_file),
                             train="decoder"), out, **kw)
     got = torch.load(out / "autoencoder.pt", weights_only=True)
     frozen = [k for k in init if not k.startswith("decoder.")]
@@ -179,18 +186,42 @@ def test_decoder_finetune_keeps_the_latent_space_bit_identical(manifest, ae_run,
         assert torch.equal(got[k], init[k]), k
     assert any(not torch.equal(got[k], init[k]) for k in init if k.startswith("decoder."))
     info = C.read_run_info(out)
-    assert info["train"] == "decoder" and info["init_weights_sha256"] == C.file_sha256(half)
+    assert info["train"] == "decoder" and info["init_weights_sha256"] == C.file_sha256(ae_file)
     assert info["latent_scale"] == float(init["latent_scale"])
     assert info["eval_l1_final_ema"] < info["eval_l1_initial"], info
     ae, _, _ = load_autoencoder(out / "autoencoder.pt")
+    base, _, _ = load_autoencoder(ae_file)
     x = torch.rand(2, 1, 64, 32, 16)
-    base, _, _ = load_autoencoder(half)
     assert torch.equal(ae.encode(x), base.encode(x))  # same latents: the LDMs' training data is unchanged
     assert eval_l1(ae, x, quantize=False) != eval_l1(base, x, quantize=False)
     with pytest.raises(InputError, match="set init_weights"):
         train_autoencoder(_tiny(steps=1, train="decoder"), tmp_path / "noinit", **kw)
     with pytest.raises(InputError, match="train must be 'all' or 'decoder'"):
         train_autoencoder(_tiny(steps=1, train="encoder"), tmp_path / "bad", **kw)
+
+    with pytest.raises(InputError, match="train: decoder"):
+        export_decoder(ae_run, reg)  # a full autoencoder run: new latents
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "run.json").write_text((out / "run.json").read_text())
+    k_enc = next(k for k in frozen if k.startswith("encoder.") and got[k].is_floating_point())
+    torch.save({**got, k_enc: got[k_enc] + 1e-3}, moved / "autoencoder.pt")
+    with pytest.raises(ModelError, match="outside the decoder"):
+        export_decoder(moved, reg)
+    assert C.file_sha256(ae_file) == info["init_weights_sha256"]  # refused before anything was written
+    assert export_decoder(out, reg) == ["t-weighted", "t-full"]
+    entries = {e.id: e for e in R.read_registry(reg)}
+    for e in entries.values():
+        assert e.files["autoencoder"].local_path() == ae_file.resolve()
+        assert e.files["autoencoder"].sha256 == C.file_sha256(ae_file) != info["init_weights_sha256"]
+        assert R.training_info(e)["autoencoder_decoder_finetune"]["from_sha256"] == info["init_weights_sha256"]
+        assert all(s.status == "ok" for s in R.verify(e.id, reg).values())
+    loaded = R.load("t-weighted", registry=reg).autoencoder.state_dict()
+    k_dec = next(k for k in got if k.startswith("decoder.") and not torch.equal(got[k], init[k]))
+    assert torch.equal(loaded[k_dec], got[k_dec]) and torch.equal(loaded[k_enc], init[k_enc])
+    from model_training.__main__ import main  # the CLI: already swapped, nothing uses its init any more
+    assert main(["export-decoder", "--run", str(out), "--registry", str(reg)]) != 0
+    assert "no entry of" in capsys.readouterr().err
 
 
 def test_roi_l1_counts_only_the_weighted_region():

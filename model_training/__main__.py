@@ -1,7 +1,7 @@
 """``python -m model_training COMMAND ...`` (also under ``torchrun --nproc_per_node=N -m model_training ...``).
 
-Training side: train-autoencoder | train-ldm | export | evaluate | make-demo-weights | benchmark-phantoms |
-train-reader.
+Training side: train-autoencoder | train-ldm | export | export-decoder | evaluate | make-demo-weights |
+benchmark-phantoms | train-reader.
 Data side (model_training.data_cli / model_training.data, when present): import-spider | import-rsna |
 import-manifest | import-phantom | support ... are forwarded to that module's ``main(argv)``.
 """
@@ -13,8 +13,8 @@ import sys
 
 from spine_ldm.errors import SpineLDMError
 
-TRAIN_COMMANDS = ("train-autoencoder", "train-ldm", "export", "evaluate", "make-demo-weights", "benchmark-phantoms",
-                  "train-reader")
+TRAIN_COMMANDS = ("train-autoencoder", "train-ldm", "export", "export-decoder", "evaluate", "make-demo-weights",
+                  "benchmark-phantoms", "train-reader")
 
 
 def _data_module():
@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--extra", help="JSON object merged into the entry")
     e.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights")
     e.add_argument("--half", action="store_true", help="store the U-Net in float16 (half the size)")
+
+    x = sub.add_parser("export-decoder", help="swap a decoder-fine-tuned autoencoder (train: decoder) into a "
+                                              "registry, for every entry using the one it started from")
+    x.add_argument("--run", required=True, help="train-autoencoder run dir (train: decoder, complete)")
+    x.add_argument("--registry", required=True, help="Models.json to update")
 
     v = sub.add_parser("evaluate", help="Table 1: FID and MS-SSIM per level x condition x method")
     from .evaluate import add_arguments as _eval_args
@@ -136,6 +141,9 @@ def _run(args) -> int:
     if args.command == "export":
         from .export import main_export
         return main_export(args)
+    if args.command == "export-decoder":
+        from .export import main_export_decoder
+        return main_export_decoder(args)
     if args.command == "evaluate":
         from .evaluate import main_evaluate
         return main_evaluate(args)

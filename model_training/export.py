@@ -12,6 +12,12 @@ Writes (default ``<registry folder>/Models/``):
 
 then adds or replaces the entry ``ID`` in the registry (format of DEVELOPERS.md / ``spine_ldm.registry``) and
 checks it the way ``spine-ldm models verify`` does (sha256 of every file) and by loading both networks strictly.
+
+``python -m model_training export-decoder --run AE_RUN_DIR --registry Models.json`` puts the autoencoder of a
+``train: decoder`` run (``train-autoencoder``) in place of the one it was fine-tuned from, for every entry that
+uses that one (same file path, new sha256; ``training.autoencoder_decoder_finetune`` records the run). It refuses
+unless the encoder, codebook and ``latent_scale`` are bit-identical to the registered autoencoder's: only then do
+the entries' LDMs, trained on those latents, stay valid.
 """
 from __future__ import annotations
 
@@ -164,6 +170,61 @@ def check_entry(model_id: str, registry) -> None:
     if bad:
         raise ModelError(f"exported model {model_id!r} does not verify: {'; '.join(bad)}")
     R.load(model_id, device="cpu", registry=registry)
+
+
+def export_decoder(run_dir, registry) -> list[str]:
+    """Swap the autoencoder of a ``train: decoder`` run into ``registry`` (see the module docstring); returns the
+    ids of the entries updated."""
+    from spine_ldm import registry as R
+
+    run = Path(run_dir)
+    info = C.read_run_info(run)
+    if info.get("kind") != "autoencoder" or info.get("train") != "decoder":
+        raise InputError(f"{run} is not a train-autoencoder run with train: decoder (kind {info.get('kind')!r}, "
+                         f"train {info.get('train')!r})")
+    if info.get("status") != "complete":
+        raise ModelError(f"{run} is not complete (status {info.get('status')!r}); finish or resume training first")
+    init_sha = info.get("init_weights_sha256")
+    reg = Path(registry)
+    entries = R.read_registry(reg, missing_ok=False)
+    hit = [e for e in entries if e.files["autoencoder"].sha256 == init_sha]
+    if not hit:
+        raise InputError(f"no entry of {reg} uses the autoencoder {run} was fine-tuned from (sha256 {init_sha})")
+    paths = {e.files["autoencoder"].local_path() for e in hit}
+    if len(paths) != 1:
+        raise InputError(f"the entries using that autoencoder keep it in {len(paths)} files; expected one")
+    dst = paths.pop()
+    new = _clean_state_dict(torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True))
+    old = torch.load(dst, map_location="cpu", weights_only=True)
+    if C.file_sha256(dst) != init_sha:
+        raise ModelError(f"{dst} does not match its registry sha256; restore it first")
+    if set(new) != set(old):
+        raise ModelError(f"the autoencoder of {run} has other tensors than {dst}")
+    moved = [k for k in old if not k.startswith("decoder.") and not torch.equal(new[k], old[k].to(new[k].dtype))]
+    if moved:
+        raise ModelError(f"the autoencoder of {run} differs from {dst} outside the decoder ({moved[0]!r}, ...): "
+                         f"its latents are not the ones the registered LDMs were trained on")
+    C.atomic_torch_save(new, dst)
+    sha = C.file_sha256(dst)
+    record = {"steps": info.get("steps_done"), "from_sha256": init_sha,
+              "eval_l1_initial": info.get("eval_l1_initial"), "eval_l1_final": info.get("eval_l1_final_ema"),
+              "dataset_size": info.get("dataset_size")}
+    out = []
+    for e in entries:
+        if e.files["autoencoder"].sha256 == init_sha:
+            e.files["autoencoder"] = R.FileRef("autoencoder", sha, path=e.files["autoencoder"].path)
+            e.extra.setdefault("training", {})["autoencoder_decoder_finetune"] = record
+            out.append(e.id)
+    R.write_registry(reg, entries)
+    for mid in out:
+        check_entry(mid, reg)
+    return out
+
+
+def main_export_decoder(args) -> int:
+    ids = export_decoder(args.run, args.registry)
+    print(f"autoencoder swapped for {len(ids)} entries: {', '.join(ids)}")
+    return 0
 
 
 def main_export(args) -> int:
