@@ -223,3 +223,62 @@ def test_an_explicit_guidance_scale_ignores_the_registry_default(setup, tmp_path
     reg2.write_text(json.dumps(data))
     after = (RN.fingerprint(own, rsha, "dh_small"), RN.fingerprint(fixed, rsha, "dh_small"))
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def _compare_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results_csv(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = ["seed", "condition", "method", "sample", "sigma_mm", "cos", "present"]
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(zip(cols, r)))
+
+
+def test_compare_runs_pairs_outputs_by_case_and_sample(tmp_path, capsys):
+    """benchmarks/compare_runs.py: rows matched by seed / condition / method / sample / sigma, the paired mean
+    difference with a case-bootstrap interval, pooled baselines with a condition filter, clear errors."""
+    cr = _compare_runs()
+    a_rows, b_rows = [], []
+    for seed in range(1000, 1006):
+        for k in (1, 2):
+            base = 0.5 + 0.05 * (seed - 1000) + 0.01 * k  # a wide case-to-case spread ...
+            a_rows.append((seed, "dh_small", "weighted", k, 8, base, 1))
+            b_rows.append((seed, "dh_small", "weighted", k, 8, base + 0.02 + 0.001 * k, 1))  # ... a small shift
+            a_rows.append((seed, "ccs_severe", "weighted", k, 16, 0.8, 1))
+    _results_csv(tmp_path / "a", a_rows)
+    _results_csv(tmp_path / "b", b_rows)
+    _results_csv(tmp_path / "b2", [(1000, "ccs_severe", "weighted", 1, 16, 0.7, 0)])
+    recs = cr.compare(cr.load_rows([tmp_path / "a"]), cr.load_rows([tmp_path / "b", tmp_path / "b2"]),
+                      ["cos", "present"], n_boot=500)
+    by = {(r["condition"], r["metric"]): r for r in recs}
+    dh = by[("dh_small", "cos")]
+    assert dh["n_cases"] == 6 and dh["n_outputs"] == 12 and dh["b_larger"] == 1.0 and dh["b_smaller"] == 0.0
+    # every case moved by the same 0.0215: the interval is that point, however wide the spread between cases
+    assert dh["diff"] == pytest.approx(0.0215) and (dh["lo"], dh["hi"]) == pytest.approx((0.0215, 0.0215))
+    assert by[("dh_small", "present")]["diff"] == 0.0 and by[("dh_small", "present")]["b_larger"] == 0.0
+    cc = by[("ccs_severe", "cos")]  # only the one output both runs hold
+    assert cc["n_outputs"] == 1 and cc["diff"] == pytest.approx(-0.1) and cc["b_smaller"] == 1.0
+    only = cr.load_rows([f"{tmp_path / 'a'}:ccs_severe"])
+    assert {k[1] for k in only} == {"ccs_severe"} and len(only) == 12
+    with pytest.raises(SystemExit, match="repeats the row"):
+        cr.load_rows([tmp_path / "a", tmp_path / "a"])
+    with pytest.raises(SystemExit, match="not found"):
+        cr.load_rows([tmp_path / "nope"])
+    assert cr.main(["--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--metrics", "cos",
+                    "--out", str(tmp_path / "c.json")]) == 0
+    assert "| dh_small | weighted | cos | 6 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["records"][0]["metric"] == "cos"
+    with pytest.raises(SystemExit, match="share no rows"):
+        cr.main(["--a", f"{tmp_path / 'a'}:ccs_severe", "--b", str(tmp_path / "b")])
