@@ -194,10 +194,10 @@ def export_decoder(run_dir, registry) -> list[str]:
     if len(paths) != 1:
         raise InputError(f"the entries using that autoencoder keep it in {len(paths)} files; expected one")
     dst = paths.pop()
-    new = _clean_state_dict(torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True))
-    old = torch.load(dst, map_location="cpu", weights_only=True)
     if C.file_sha256(dst) != init_sha:
         raise ModelError(f"{dst} does not match its registry sha256; restore it first")
+    new = _clean_state_dict(torch.load(run / "autoencoder.pt", map_location="cpu", weights_only=True))
+    old = torch.load(dst, map_location="cpu", weights_only=True)
     if set(new) != set(old):
         raise ModelError(f"the autoencoder of {run} has other tensors than {dst}")
     moved = [k for k in old if not k.startswith("decoder.") and not torch.equal(new[k], old[k].to(new[k].dtype))]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from spine_ldm.errors import InputError
 from spine_ldm.models.config import config_to_dict, load_config
 
 from . import common as C
@@ -72,7 +73,6 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
 
     if dataset is None:
         if manifest is None:
-            from spine_ldm.errors import InputError
             raise InputError("train-autoencoder needs --manifest (or a dataset)")
         dataset = C.build_dataset(manifest, model_cfg, split="train", augment=bool(cfg.get("augment", True)),
                                   cache_dir=cache_dir, pathology_repeat=cfg.get("pathology_repeat", 1))
@@ -81,12 +81,10 @@ def _train(cfg, out: Path, manifest, dataset, resume, env: C.DistEnv, cache_dir,
     init_sha = C.load_init_weights(ae, cfg.get("init_weights"), "autoencoder")
     part = str(cfg.get("train", "all"))
     if part not in ("all", "decoder"):
-        from spine_ldm.errors import InputError
         raise InputError(f"train must be 'all' or 'decoder', got {part!r}")
     decoder_only = part == "decoder"
     if decoder_only:
         if init_sha is None:
-            from spine_ldm.errors import InputError
             raise InputError("train: decoder fine-tunes the decoder of a trained autoencoder: set init_weights")
         ae.encoder.requires_grad_(False)
         ae.quantizer.requires_grad_(False)
