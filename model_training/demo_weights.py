@@ -9,7 +9,9 @@ Stages (all seeded; each stage resumes from its checkpoint when re-run with the 
    study (95/5), manifest ``<work>/phantoms.csv``;
 2. autoencoder: ``train-autoencoder`` with ``ae_small`` (shared by every model), or ``--autoencoder PT`` to reuse
    one (the bundled ``demo-small-autoencoder.pt`` was made by the first recipe: ``--n-studies 60`` phantoms of the
-   same seed, ``ae_small``, see model_training/README.md);
+   same seed, ``ae_small``; its decoder was then fine-tuned alone on this recipe's 1,000 studies,
+   ``train-autoencoder --set train=decoder`` + ``export-decoder``, which keeps the encoder and so the latents of
+   every LDM: see model_training/README.md);
 3. LDMs, **one per method and pathology** (Hansen et al. train the LDMs for each pathology separately):
    ``train-ldm`` with ``ldm_small`` for ``weighted``, ``masked`` and ``full`` x ``dh`` (dh_small,
    dh_moderate_large) and ``ccs`` (ccs_moderate, ccs_severe), each on the FSUs annotated with that pathology only
