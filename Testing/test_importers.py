@@ -258,7 +258,7 @@ def _write_rsna(root: Path) -> dict:
 
 def test_rsna_importer_volume_geometry_landmarks_and_grades(tmp_path):
     pytest.importorskip("pydicom")
-    from spine_ldm.geometry import DISC_OFFSET_MM
+    from spine_ldm.geometry import DISC_OFFSET_MM, DISC_TILT_DEG
     from model_training.importers.rsna import import_rsna
 
     expected = _write_rsna(tmp_path / "rsna")
@@ -283,9 +283,11 @@ def test_rsna_importer_volume_geometry_landmarks_and_grades(tmp_path):
         if value is not None:  # the voxel at the landmark holds the pixel the annotator clicked on
             idx = img.TransformPhysicalPointToIndex(tuple(p))
             assert int(img[idx]) == value, lv
-        # disc centre: 28 mm anterior (LPS -y) of the canal point
-        np.testing.assert_allclose(np.subtract(r.disc_center_lps, r.landmark_lps), (0, -DISC_OFFSET_MM["ccs"], 0),
-                                   atol=1e-6)
+        # disc centre: 28 mm anterior (LPS -y) of the canal point, turned inferior (-z) by the level's disc tilt
+        t = np.deg2rad(DISC_TILT_DEG[lv])
+        np.testing.assert_allclose(np.subtract(r.disc_center_lps, r.landmark_lps),
+                                   DISC_OFFSET_MM["ccs"] * np.array([0.0, -np.cos(t), -np.sin(t)]), atol=1e-6)
+    assert by["L5-S1"].disc_center_lps[2] < by["L5-S1"].landmark_lps[2] - 12.0  # 28 sin(27 deg) = 12.7 mm
 
     # second run reuses the NRRD (no rewrite) and gives the same rows; a custom offset moves the centre
     mtime = os.stat(by["L4-L5"].image_path).st_mtime_ns

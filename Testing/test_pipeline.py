@@ -299,6 +299,25 @@ def test_reconstruct_uses_the_inpaint_frame(case, registry, weighted2):
         np.testing.assert_allclose(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), rtol=1e-5, atol=1e-3)
 
 
+def test_estimated_disc_centre_follows_the_level(registry):
+    """Without a disc centre the FSU is centred on the level-aware estimate: at the phantom's L5-S1 (tilted ~26
+    degrees) it lands near the true centre, where the AP-only estimate would miss by > 6 mm; inpaint records it."""
+    from spine_ldm import geometry, phantom
+
+    ph = phantom.generate(seed=0, spacing=(2.0, 2.0, 4.3))
+    d = ph.landmarks["discs"]["L5-S1"]
+    lm, truth = tuple(d["posterior_margin_LPS_mm"]), np.asarray(d["center_LPS_mm"])
+    fsu, _ = pipeline.reconstruct(ph.image, lm, "dh_moderate_large", device="cpu", registry=registry, level="l5/s1")
+    centre = np.asarray(fsu.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fsu.GetSize()]))
+    np.testing.assert_allclose(centre, geometry.estimate_disc_center(lm, "dh_moderate_large", ph.image, "L5-S1"),
+                               atol=1e-6)
+    assert np.linalg.norm(centre - truth) < 5.0
+    assert np.linalg.norm(np.subtract(geometry.estimate_disc_center(lm, "dh_moderate_large", ph.image), truth)) > 6.0
+    res = pipeline.inpaint(ph.image, lm, "L5-S1", "dh_moderate_large", steps=1, device="cpu", registry=registry)
+    assert res.provenance["disc_center_estimated"] is True
+    np.testing.assert_allclose(res.provenance["disc_center_lps"], centre, atol=1e-3)
+
+
 def test_decode_quantize_defaults_to_the_config_and_reaches_both_decodes(case, registry, weighted2):
     """The sampled latent and the input's reference reconstruction are decoded the same way: as is by default
     (``sampling.decode_quantize`` False), snapped to the codebook with ``decode_quantize=True``. The samples' latents

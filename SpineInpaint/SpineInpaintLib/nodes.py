@@ -196,7 +196,7 @@ def prepareBackendInput(volumeNode, landmarkNode, params: InpaintParameters, wor
         else:
             notes.append("disc centre labels are not levels (e.g. 'L4-L5'): the backend estimates the disc centre")
     if discRas is None:
-        notes.append("disc centre estimated by the backend from the landmark")
+        notes.append(f"disc centre estimated by the backend from the landmark and the level ({parse_level(level)})")
     os.makedirs(workDir, exist_ok=True)
     inputPath = writeVolumeToFile(volumeNode, os.path.join(workDir, "input.nrrd"))
     return BackendRequest(

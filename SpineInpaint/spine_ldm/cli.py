@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--landmark", required=True, metavar="X,Y,Z", help="point (mm) where the pathology goes")
     q.add_argument("--coords", choices=("lps", "ras"), default="lps",
                    help="frame of --landmark/--disc-center: lps (default, ITK/NRRD) or ras (as 3D Slicer shows)")
-    q.add_argument("--disc-center", metavar="X,Y,Z", help="disc centre (mm) of the FSU; estimated when omitted")
+    q.add_argument("--disc-center", metavar="X,Y,Z", help="disc centre (mm) of the FSU; estimated from the landmark and --level when omitted")
     q.add_argument("--level", required=True, help=f"FSU level: {', '.join(LEVELS)}")
     q.add_argument("--condition", required=True, help=f"condition: {', '.join(CONDITIONS)}")
     q.add_argument("--method", choices=("weighted", "masked", "repaint"), default="weighted")

@@ -239,14 +239,15 @@ def model_guidance(entry, guidance_scale: float | None = None, condition: str | 
     return scale
 
 
-def _input_and_disc(image, landmark, condition, disc_center_lps):
-    """(validated image, its name, disc centre LPS, whether the centre was estimated); both points inside."""
+def _input_and_disc(image, landmark, condition, disc_center_lps, level=None):
+    """(validated image, its name, disc centre LPS, whether the centre was estimated); both points inside. The
+    estimate (no ``disc_center_lps``) follows the disc's typical tilt at ``level``."""
     from . import geometry
 
     img, source = _as_image(image)
     geometry.check_point_inside(img, landmark, "landmark")
     estimated = disc_center_lps is None
-    disc = _point(geometry.estimate_disc_center(landmark, condition, img) if estimated else disc_center_lps,
+    disc = _point(geometry.estimate_disc_center(landmark, condition, img, level) if estimated else disc_center_lps,
                   "disc centre")
     if not estimated:
         geometry.check_point_inside(img, disc, "disc centre")
@@ -271,7 +272,8 @@ def _fsu_around(img, landmark, disc, cfg):
 
 def reconstruct(image: sitk.Image | str | os.PathLike, landmark_lps, condition: str = "none",
                 method: str = "weighted", model: str | None = None, disc_center_lps=None, device: Any = "auto",
-                registry=None, decode_quantize: bool | None = None) -> tuple[sitk.Image, sitk.Image]:
+                registry=None, decode_quantize: bool | None = None,
+                level: str | None = None) -> tuple[sitk.Image, sitk.Image]:
     """The autoencoder's reconstruction of the FSU that :func:`inpaint` would use for these arguments.
 
     Returns ``(fsu_input, fsu_reconstruction)`` on the same FSU frame, normalisation and autoencoder as
@@ -285,7 +287,8 @@ def reconstruct(image: sitk.Image | str | os.PathLike, landmark_lps, condition: 
     method = _check_method(method)
     condition = parse_condition(condition)
     landmark = _point(landmark_lps, "landmark")
-    img, _, disc, _ = _input_and_disc(image, landmark, condition, disc_center_lps)
+    img, _, disc, _ = _input_and_disc(image, landmark, condition, disc_center_lps,
+                                      None if level is None else parse_level(level))
     dev = select_device(device)
     cfg, autoencoder, _, _, _ = load_model(model, method, dev, registry, condition=condition)
     _, fsu, fsu_arr, norm = _fsu_around(img, landmark, disc, cfg)
@@ -358,7 +361,7 @@ def inpaint(image: sitk.Image | str | os.PathLike, landmark_lps, level: str, con
     if seed < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
 
-    img, source, disc, estimated = _input_and_disc(image, landmark, condition, disc_center_lps)
+    img, source, disc, estimated = _input_and_disc(image, landmark, condition, disc_center_lps, level)
     dev = select_device(device)
     timings["prepare"] = time.perf_counter() - t_start
 

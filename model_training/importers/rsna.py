@@ -29,11 +29,13 @@ What is imported, and how:
   could be inpainted).
 * **Canal centre** (``canal_lps``): the same canal coordinate. The RSNA point *is* the centre of the central
   canal at the disc level, i.e. where a CCS landmark goes, for every row.
-* **Disc centre**: RSNA has no disc annotation, so it is *derived*: the canal landmark shifted anteriorly along
-  the volume's own anterior-posterior axis by ``spine_ldm.geometry.DISC_OFFSET_MM["ccs"]`` (28 mm: canal centre
-  ~8 mm behind the posterior disc margin, disc centre ~20 mm in front of it), via
-  ``spine_ldm.geometry.estimate_disc_center(P, "ccs_moderate", volume)``; ``disc_offset_mm`` overrides the
-  distance. The FSU is 80 mm in AP, so a +-10 mm error in this offset still keeps disc and canal inside it.
+* **Disc centre**: RSNA has no disc annotation, so it is *derived*: the canal landmark shifted anteriorly by
+  ``spine_ldm.geometry.DISC_OFFSET_MM["ccs"]`` (28 mm: canal centre ~8 mm behind the posterior disc margin, disc
+  centre ~20 mm in front of it) along the volume's own anterior-posterior axis turned by the level's typical disc
+  tilt (``DISC_TILT_DEG``: 27 degrees towards inferior at L5-S1), via
+  ``spine_ldm.geometry.estimate_disc_center(P, "ccs_moderate", volume, level)``; ``disc_offset_mm`` overrides
+  the distance (then along the AP axis alone). The FSU is 80 mm in AP, so a +-10 mm error in this offset still
+  keeps disc and canal inside it.
 """
 from __future__ import annotations
 
@@ -284,7 +286,7 @@ def _import_study(root, cache_dir, study, grade_row, sag_series, canal_levels, d
             skipped.add(f"study {study} {level}: canal point lies {dist:.1f} mm outside the series volume")
             continue
         if disc_offset_mm is None:
-            centre = geometry.estimate_disc_center(p, "ccs_moderate", ref)
+            centre = geometry.estimate_disc_center(p, "ccs_moderate", ref, level)
         else:
             ant = np.asarray(hdr.axis_closest_to((0.0, -1.0, 0.0)))
             centre = tuple(float(v) for v in np.asarray(p) + float(disc_offset_mm) * ant)
