@@ -339,6 +339,13 @@ def test_estimate_disc_center_follows_the_level_tilt(make_volume, name):
     assert g.DISC_TILT_DEG["L5-S1"] > 20 and g.estimate_disc_center(lm, "none", img, "L5-S1") == tuple(lm)
     with pytest.raises(InputError, match="unknown level"):
         g.estimate_disc_center(lm, "dh_small", img, level="C5-C6")
+    # offset_mm replaces the distance, not the direction
+    own = np.asarray(g.estimate_disc_center(lm, "ccs_severe", img, "L5-S1", offset_mm=14.0)) - lm
+    np.testing.assert_allclose(own, 0.5 * (np.asarray(g.estimate_disc_center(lm, "ccs_severe", img, "L5-S1")) - lm),
+                               atol=1e-12)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(InputError, match="offset must be a finite distance"):
+            g.estimate_disc_center(lm, "ccs_severe", img, "L5-S1", offset_mm=bad)
 
 
 def test_herniation_landmark_behind_the_margin_along_the_disc_axis():

@@ -295,7 +295,9 @@ def test_rsna_importer_volume_geometry_landmarks_and_grades(tmp_path):
     assert os.stat(by["L4-L5"].image_path).st_mtime_ns == mtime
     r2 = {r.level: r for r in rows2}["L4-L5"]
     assert r2.landmark_lps == by["L4-L5"].landmark_lps
-    assert r2.disc_center_lps[1] == pytest.approx(by["L4-L5"].landmark_lps[1] - 20.0)
+    t = np.deg2rad(DISC_TILT_DEG["L4-L5"])  # the same direction, only the distance changes
+    np.testing.assert_allclose(np.subtract(r2.disc_center_lps, r2.landmark_lps),
+                               20.0 * np.array([0.0, -np.cos(t), -np.sin(t)]), atol=1e-6)
 
 
 def test_rsna_irregular_series_is_skipped_with_reason(tmp_path):

@@ -544,7 +544,8 @@ def _axis_towards(image: sitk.Image | None, lps_axis: int, sign: float, skip: in
     return p, (col if d[lps_axis, p] * sign > 0 else -col)
 
 
-def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None = None, level: str | None = None):
+def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None = None, level: str | None = None,
+                         offset_mm: float | None = None):
     """Estimate the disc centre (FSU centre) from a pathology landmark.
 
     The landmark is shifted by a typical distance (:data:`DISC_OFFSET_MM`):
@@ -553,7 +554,7 @@ def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None 
     * ``ccs_*`` (landmark in the central canal behind the disc): 28 mm
     * ``none``: 0 mm (the landmark is taken as the disc centre)
 
-    Direction: the image's own AP axis (the direction column closest to LPS y, towards anterior = -y; pure -y
+    ``offset_mm`` replaces that distance (e.g. a dataset's own convention). Direction: the image's own AP axis (the direction column closest to LPS y, towards anterior = -y; pure -y
     when ``image`` is None). With ``level`` it is turned in the image's sagittal plane (AP axis and the column
     closest to LPS z) by that disc's typical tilt (:data:`DISC_TILT_DEG`, positive towards inferior), since the
     landmark lies behind the disc along the disc's own axis, not the scan's: this matters at L5-S1 (27 degrees).
@@ -562,7 +563,9 @@ def estimate_disc_center(landmark_lps, condition: str, image: sitk.Image | None 
     """
     p = as_point(landmark_lps, "landmark")
     cond = parse_condition(condition)
-    dist = DISC_OFFSET_MM[cond.split("_")[0]]
+    dist = DISC_OFFSET_MM[cond.split("_")[0]] if offset_mm is None else float(offset_mm)
+    if not math.isfinite(dist) or dist < 0:
+        raise InputError(f"disc-centre offset must be a finite distance >= 0 mm, got {offset_mm!r}")
     ap, u = _axis_towards(image, 1, -1.0)
     if level is not None:
         tilt = math.radians(DISC_TILT_DEG[parse_level(level)])

@@ -34,8 +34,7 @@ What is imported, and how:
   centre ~20 mm in front of it) along the volume's own anterior-posterior axis turned by the level's typical disc
   tilt (``DISC_TILT_DEG``: 27 degrees towards inferior at L5-S1), via
   ``spine_ldm.geometry.estimate_disc_center(P, "ccs_moderate", volume, level)``; ``disc_offset_mm`` overrides
-  the distance (then along the AP axis alone). The FSU is 80 mm in AP, so a +-10 mm error in this offset still
-  keeps disc and canal inside it.
+  the distance. The FSU is 80 mm in AP, so a +-10 mm error in this offset still keeps disc and canal inside it.
 """
 from __future__ import annotations
 
@@ -285,11 +284,7 @@ def _import_study(root, cache_dir, study, grade_row, sag_series, canal_levels, d
         if dist > 1.0:
             skipped.add(f"study {study} {level}: canal point lies {dist:.1f} mm outside the series volume")
             continue
-        if disc_offset_mm is None:
-            centre = geometry.estimate_disc_center(p, "ccs_moderate", ref, level)
-        else:
-            ant = np.asarray(hdr.axis_closest_to((0.0, -1.0, 0.0)))
-            centre = tuple(float(v) for v in np.asarray(p) + float(disc_offset_mm) * ant)
+        centre = geometry.estimate_disc_center(p, "ccs_moderate", ref, level, offset_mm=disc_offset_mm)
         rows.append(Row(study_id=f"rsna-{study}", image_path=str(out_path.resolve()), level=level,
                         disc_center_lps=centre, condition=cond, landmark_lps=p, spacing=hdr.spacing,
                         split="", source="rsna", canal_lps=p))
