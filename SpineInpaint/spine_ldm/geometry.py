@@ -274,16 +274,25 @@ def check_point_inside(image: sitk.Image, point_lps, what: str = "landmark") -> 
         raise InputError(f"{what} {_fmt_point(p)} LPS is {max(dist, 0.05):.1f} mm outside the volume")
 
 
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+
+
+def _check_interpolation(interpolation: str, allowed) -> None:
+    if interpolation not in allowed:
+        raise InputError("interpolation must be " + " or ".join(repr(a) for a in allowed) + f", got {interpolation!r}")
+
+
 def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_lps=None,
                 min_inside: float = 0.5, interpolation: str = "linear") -> sitk.Image:
     """Resample the FSU around ``center_lps`` (float32, linear, outside = 0).
 
-    ``interpolation="nearest"`` (for label maps) keeps the input pixel type instead.
+    ``interpolation="nearest"`` (for label maps) keeps the input pixel type instead; ``"bspline"`` (cubic
+    B-spline, float32) is for resolution studies only (``benchmarks/c2st_bounds.py``): the bundled models were
+    trained on linearly resampled FSUs.
     Raises ``InputError`` when less than ``min_inside`` of the FSU voxels lie inside the
     volume, stating the fraction and how far (mm) the centre is outside / from the edge.
     """
-    if interpolation not in ("linear", "nearest"):
-        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    _check_interpolation(interpolation, ("linear", "nearest", "bspline"))
     _require_3d(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is required")
@@ -300,7 +309,7 @@ def extract_fsu(image: sitk.Image, center_lps, spec: FSUSpec | None = None, up_l
             f"lies inside the volume (need {min_inside * 100:.0f}%): {where}")
     if interpolation == "nearest":
         return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
-    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.Resample(image, ref, sitk.Transform(), _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32)
 
 
 # ----------------------------------------------------------------------------- paste back
@@ -334,7 +343,8 @@ def _face_distance_mm(fsu: sitk.Image, grid: sitk.Image) -> np.ndarray:
 
 def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, sigma_mm: float,
                threshold: float = 1e-3, edge_taper_mm: float = 0.0,
-               reference_fsu: sitk.Image | None = None) -> sitk.Image:
+               reference_fsu: sitk.Image | None = None, interpolation: str = "linear",
+               weight_saturation: float = 1.0) -> sitk.Image:
     """Blend an inpainted FSU back into the original volume.
 
     ``out = W * inpainted + (1 - W) * original`` on the original grid, with ``W`` the
@@ -354,6 +364,11 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     by a smoothstep ramp from 0 at the FSU faces to 1 at ``edge_taper_mm`` inside them, which
     removes the seam where W is still large at a face (with sigma 16 mm, W = 0.29 at the LR faces
     25 mm from a central landmark). Voxels with a tapered weight below ``threshold`` stay untouched.
+
+    Two knobs for resolution studies (``benchmarks/c2st_bounds.py``, ``benchmarks/paste_knobs.py``; the pipeline
+    keeps the defaults, which ``paste_knobs.py`` measured best on the bundled models' outputs): ``interpolation="bspline"`` resamples the FSU(s)
+    onto the scan with a cubic B-spline instead of linearly, and ``weight_saturation = s < 1`` pastes with
+    ``min(1, W / s)`` (the full change wherever ``W >= s``, the same support ``W >= threshold * s``) instead of W.
     """
     _require_3d(original, "original volume")
     _require_3d(inpainted_fsu, "inpainted FSU")
@@ -367,9 +382,16 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     if original.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("original volume must be scalar (1 component per voxel)")
     lm = as_point(landmark_lps, "landmark")
-    radius = weight_radius_mm(sigma_mm, threshold)
     if not (math.isfinite(float(edge_taper_mm)) and float(edge_taper_mm) >= 0):
         raise InputError(f"edge_taper_mm must be >= 0, got {edge_taper_mm!r}")
+    _check_interpolation(interpolation, ("linear", "bspline"))
+    try:
+        sat = float(weight_saturation)
+    except (TypeError, ValueError):
+        sat = float("nan")
+    if not (math.isfinite(sat) and 0.0 < sat <= 1.0):
+        raise InputError(f"weight_saturation must be in (0, 1], got {weight_saturation!r}")
+    radius = weight_radius_mm(sigma_mm, threshold * sat)
 
     src = sitk.GetArrayViewFromImage(original)
     out_arr = np.array(src, copy=True)
@@ -393,12 +415,15 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
         ref.SetSpacing(original.GetSpacing())
         ref.SetDirection(original.GetDirection())
         ref.SetOrigin(original.TransformIndexToPhysicalPoint([int(v) for v in start]))
+        interp = _INTERPOLATORS[interpolation]
         inp = sitk.GetArrayFromImage(
-            sitk.Resample(inpainted_fsu, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
+            sitk.Resample(inpainted_fsu, ref, sitk.Transform(), interp, 0.0, sitk.sitkFloat64))
         if reference_fsu is not None:
             inp = inp - sitk.GetArrayFromImage(
-                sitk.Resample(reference_fsu, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat64))
+                sitk.Resample(reference_fsu, ref, sitk.Transform(), interp, 0.0, sitk.sitkFloat64))
         w = gaussian_weight(ref, lm, sigma_mm).astype(np.float64)
+        if sat < 1.0:
+            w = np.minimum(1.0, w / sat)
         if edge_taper_mm and edge_taper_mm > 0:
             u = np.clip(_face_distance_mm(inpainted_fsu, ref) / float(edge_taper_mm), 0.0, 1.0)
             w = w * (u * u * (3.0 - 2.0 * u))
