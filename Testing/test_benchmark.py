@@ -225,12 +225,13 @@ def test_an_explicit_guidance_scale_ignores_the_registry_default(setup, tmp_path
     assert after[0] != before[0] and after[1] == before[1]
 
 
-def _compare_runs():
+def _bench_script(name: str = "compare_runs"):
+    """benchmarks/<name>.py as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
-    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -249,7 +250,7 @@ def _results_csv(folder, rows):
 def test_compare_runs_pairs_outputs_by_case_and_sample(tmp_path, capsys):
     """benchmarks/compare_runs.py: rows matched by seed / condition / method / sample / sigma, the paired mean
     difference with a case-bootstrap interval, pooled baselines with a condition filter, clear errors."""
-    cr = _compare_runs()
+    cr = _bench_script()
     a_rows, b_rows = [], []
     for seed in range(1000, 1006):
         for k in (1, 2):
@@ -282,3 +283,50 @@ def test_compare_runs_pairs_outputs_by_case_and_sample(tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["records"][0]["metric"] == "cos"
     with pytest.raises(SystemExit, match="share no rows"):
         cr.main(["--a", f"{tmp_path / 'a'}:ccs_severe", "--b", str(tmp_path / "b")])
+
+
+def test_c2st_bounds_variants_paste_the_truth(setup):
+    """benchmarks/c2st_bounds.py: ``taper_sat`` is the truth itself wherever W >= 0.5 and the healthy scan where
+    W < 1e-3 * 0.5; cubic resampling through the paper grid keeps more of the true change than linear."""
+    from model_training.benchmark import cases as CS, metrics as M
+    from spine_ldm.weighting import gaussian_weight
+
+    _, reg, _ = setup
+    cb = _bench_script("c2st_bounds")
+    case = CS.make_case(1000, "L4-L5", "dh_moderate_large")
+    out, sigma = cb.case_variants(case, registry=str(reg))
+    assert set(out) == set(cb.VARIANTS)
+    H, P = (sitk.GetArrayFromImage(i) for i in (case.healthy.image, case.truth.image))
+    w = gaussian_weight(case.healthy.image, case.landmark, sigma)
+    sat = sitk.GetArrayFromImage(out["taper_sat"])
+    assert np.count_nonzero(w >= 0.5) > 1000 and np.count_nonzero(P[w >= 0.5] != H[w >= 0.5]) > 100
+    np.testing.assert_array_equal(sat[w >= 0.5], P[w >= 0.5])
+    np.testing.assert_array_equal(sat[w < 5e-4], H[w < 5e-4])
+    taper = sitk.GetArrayFromImage(out["taper"])
+    assert np.abs(taper[w >= 0.5].astype(float) - P[w >= 0.5]).max() > 10  # W < 1 there: a fraction of the change
+    nb = M.Neighbourhood(case.healthy.image, case.landmark, M.COS_RADIUS_MM)
+    ball, h = nb.ball(M.COS_RADIUS_MM), nb.array(case.healthy.image)
+    d = (nb.array(case.truth.image) - h)[ball].astype(float)
+    amp = {k: float((nb.array(out[k]) - h)[ball].astype(float) @ d / (d @ d)) for k in ("paper", "paper_cubic_sat")}
+    assert amp["paper_cubic_sat"] > amp["paper"] + 0.1, amp
+
+
+def test_paste_knobs_repaste_the_same_samples(setup):
+    """benchmarks/paste_knobs.py: every variant pastes the pipeline's own samples (``linear`` is its output, checked
+    inside); the saturated weight adds the full change where W >= 0.5 (twice the plain one where W = 0.25 ... 0.5)."""
+    from model_training.benchmark import cases as CS
+    from spine_ldm.weighting import gaussian_weight
+
+    _, reg, _ = setup
+    pk = _bench_script("paste_knobs")
+    case = CS.make_case(1000, "L4-L5", "dh_moderate_large")
+    pasted, out = pk.case_outputs(case, samples=2, registry=str(reg))
+    assert set(pasted) == set(pk.VARIANTS) and all(len(v) == 2 for v in pasted.values())
+    H = sitk.GetArrayFromImage(case.healthy.image).astype(float)
+    w = gaussian_weight(case.healthy.image, case.landmark, float(out.provenance["sigma_mm"]))
+    band = (w > 0.3) & (w < 0.45)
+    lin, sat = (sitk.GetArrayFromImage(pasted[k][0]).astype(float) - H for k in ("linear", "sat"))
+    moved = band & (np.abs(lin) > 2)
+    assert moved.sum() > 50
+    np.testing.assert_allclose(sat[moved], (lin[moved] / w[moved]) * np.minimum(1, w[moved] / pk.SATURATION), atol=1.0)
+    assert not np.array_equal(sitk.GetArrayFromImage(pasted["cubic"][0]), sitk.GetArrayFromImage(pasted["linear"][0]))

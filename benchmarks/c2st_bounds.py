@@ -12,13 +12,18 @@ a generated one (``--paste-mode change`` at the weighted model's own sigma), los
 ``paper``   the same through the paper config's finer FSU grid (128 x 64 x 32).
 ``ae``      the truth's own autoencoder reconstruction (the benchmark's ``C2ST ceiling``: a perfect LDM).
 
+Three more rows ask what a different paste-back or resampling could buy (``geometry.paste_back``'s resolution
+knobs; the pipeline uses neither): ``*_sat`` pastes with ``min(1, W / 0.5)`` (the full change wherever W >= 0.5)
+instead of W, ``*_cubic`` resamples with cubic B-splines instead of linearly (``paper_cubic_sat``: scan -> paper
+FSU -> scan; ``ae_cubic_sat``: only the paste, since the autoencoder was trained on linearly resampled FSUs).
+
 For each: ``amp`` (the pasted change projected on the true change within 25 mm of the landmark, 1 = full
 contrast), ``cos``, the C2ST AUC with its case-bootstrap 95 % interval and the present reader's rate. When the
 ``taper`` or ``grid`` row is already far above a C2ST target, no diffusion model or autoencoder can meet it.
 
 Usage::
 
-    .venv/bin/python benchmarks/c2st_bounds.py                   # 20 seeds x 4 conditions, ~10 min on 2 cores
+    .venv/bin/python benchmarks/c2st_bounds.py                   # 20 seeds x 4 conditions, ~3 min on 2 cores
     .venv/bin/python benchmarks/c2st_bounds.py --seeds 1000-1003 --conditions dh_small
 
 Writes ``docs/results/c2st_bounds.json`` (``--out``) and prints a markdown table.
@@ -36,17 +41,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
-VARIANTS = ("taper", "grid", "paper", "ae")
+VARIANTS = ("taper", "grid", "paper", "ae", "taper_sat", "paper_cubic_sat", "ae_cubic_sat")
+SATURATION = 0.5  # the *_sat rows: full change wherever W >= 0.5
 PAPER_SHAPE = (128, 64, 32)
 TITLE = "C2ST lower bounds (the truth pasted the way the pipeline pastes)"
 TEXT = (
-    "Each column pastes the *true* change into the healthy twin (change paste-back at the weighted model's own "
-    "sigma) and loses one more thing: `taper` only the Gaussian weighting W (scan grid, no autoencoder); `grid` the "
-    "truth through the bundled model's FSU grid; `paper` through the paper config's finer FSU grid (128 x 64 x 32); "
-    "`ae` the truth's own autoencoder reconstruction (the benchmark's C2ST ceiling). Cells: C2ST AUC [95 % CI] / "
-    "amp (the change projected on the true change within 25 mm, 1 = full contrast) / present rate. Where `taper` "
-    "or `grid` is already near 1, no diffusion model or autoencoder on this grid can bring the weighted method's "
-    "C2ST down: the linear classifier sees that the pathology fades with W and is resampled.")
+    "Each row pastes the *true* change into the healthy twin (change paste-back at the weighted model's own sigma) "
+    "and loses one more thing: `taper` only the Gaussian weighting W (scan grid, no autoencoder); `grid` the truth "
+    "through the bundled model's FSU grid; `paper` through the paper config's finer FSU grid (128 x 64 x 32); `ae` "
+    "the truth's own autoencoder reconstruction (the benchmark's C2ST ceiling). The last three rows try what a "
+    "different paste-back could buy (`geometry.paste_back`'s resolution knobs, unused by the pipeline): `_sat` "
+    "pastes min(1, W / 0.5) instead of W (the full change wherever W >= 0.5), `_cubic` resamples with cubic "
+    "B-splines (`paper_cubic_sat`: scan -> paper FSU -> scan; `ae_cubic_sat`: only the paste, the autoencoder being "
+    "trained on linearly resampled FSUs). Cells: C2ST AUC [95 % CI] / amp (the change projected on the true change "
+    "within 25 mm, 1 = full contrast) / present rate. Where a row is near 1, no diffusion model with that grid, "
+    "autoencoder and paste-back can bring the weighted method's C2ST down: the linear classifier sees that the "
+    "pathology fades with W, is resampled, or is reconstructed.")
 
 
 def case_variants(case, method: str = "weighted", registry=None) -> tuple[dict, float]:
@@ -64,10 +74,16 @@ def case_variants(case, method: str = "weighted", registry=None) -> tuple[dict, 
                                   registry=registry)
     size = tuple(float(v) for v in np.asarray(fh.GetSpacing())[::-1] * np.asarray(fh.GetSize())[::-1])
     paper = geometry.FSUSpec(shape=PAPER_SHAPE, size_mm=size)
+    sat = {**prov, "paste_weight_saturation": SATURATION}
+    cubic = {**sat, "paste_interpolation": "bspline"}
     out = {"taper": compose(H, P, lm, prov, H),  # P on H's own grid: the paste's resampling is the identity
            "grid": compose(H, fp, lm, prov, fh),
            "paper": compose(H, geometry.extract_fsu(P, disc, paper), lm, prov, geometry.extract_fsu(H, disc, paper)),
-           "ae": compose(H, rp, lm, prov, rh)}
+           "ae": compose(H, rp, lm, prov, rh),
+           "taper_sat": compose(H, P, lm, sat, H),
+           "paper_cubic_sat": compose(H, geometry.extract_fsu(P, disc, paper, interpolation="bspline"), lm, cubic,
+                                      geometry.extract_fsu(H, disc, paper, interpolation="bspline")),
+           "ae_cubic_sat": compose(H, rp, lm, cubic, rh)}
     return out, sigma
 
 
@@ -117,15 +133,17 @@ def run(seeds, conditions, registry=None, log=print) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| Condition | sigma (mm) | " + " | ".join(f"{k}: C2ST AUC [95 % CI] / amp / present" for k in VARIANTS)
-             + " |", "|---|---:|" + "---|" * len(VARIANTS)]
-    for cond, s in res["conditions"].items():
+    conds = list(res["conditions"])
+    lines = ["| Variant | " + " | ".join(f"{c} (sigma {res['conditions'][c]['sigma_mm']:g} mm)" for c in conds) + " |",
+             "|---|" + "---|" * len(conds)]
+    variants = [k for k in VARIANTS if all(k in s["variants"] for s in res["conditions"].values())]
+    for k in variants:
         cells = []
-        for k in VARIANTS:
-            v = s["variants"][k]
-            c = v["c2st"]
-            cells.append(f"{c['auc']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}] / {v['amp']:.2f} / {100 * v['present']:.0f} %")
-        lines.append(f"| {cond} | {s['sigma_mm']:g} | " + " | ".join(cells) + " |")
+        for c in conds:
+            v = res["conditions"][c]["variants"][k]
+            a = v["c2st"]
+            cells.append(f"{a['auc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] / {v['amp']:.2f} / {100 * v['present']:.0f} %")
+        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONS = ("dh_small", "dh_moderate_large", "ccs_moderate", "ccs_severe")
 #: diagnostic scripts run after the benchmark (benchmarks/<name>.py; "seeds": given --seeds, else their own)
-DIAGNOSTICS = {"c2st_bounds": "seeds", "landmark_placement": None}
+DIAGNOSTICS = {"c2st_bounds": "seeds", "paste_knobs": "seeds", "landmark_placement": None}
 METHODS = ("weighted", "masked", "repaint")
 RUN_TITLES = {"snapped": "Paste mode `change`, sampled latents snapped to the VQ codebook before decoding "
                          "(`--decode-quantize on`, Rombach et al.'s VQ-LDM decode; the default decodes them as is)"}
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
     ap.add_argument("--extra", default="", help="more benchmark-phantoms options, e.g. '--repaint-resample 10'")
     ap.add_argument("--no-diagnostics", action="store_true",
-                    help="skip the diagnostic scripts (benchmarks/c2st_bounds.py, benchmarks/landmark_placement.py)")
+                    help="skip the diagnostic scripts (benchmarks/c2st_bounds.py, paste_knobs.py, landmark_placement.py)")
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the runs and diagnostics of the existing results.json that this invocation does not "
                          "rerun (e.g. only the headline run after new weights; the Models table then says which "

@@ -174,14 +174,18 @@ def check_seeds(settings, reader_entry: dict | None, log=print) -> dict:
 # --------------------------------------------------------------------------- composition
 def compose(healthy, fsu, landmark, provenance: dict, reference_fsu):
     """Paste an FSU into H exactly as the pipeline composed its output (sigma, threshold, edge taper and paste mode
-    from the output's provenance; ``reference_fsu`` = the reconstruction of H's FSU, used in ``change`` mode)."""
+    from the output's provenance; ``reference_fsu`` = the reconstruction of H's FSU, used in ``change`` mode).
+    ``paste_interpolation`` / ``paste_weight_saturation`` (never set by the pipeline: linear, 1) are the resolution
+    studies' knobs (``benchmarks/c2st_bounds.py``)."""
     from spine_ldm import geometry, pipeline
 
     mode = provenance.get("paste_mode", "blend")
     return geometry.paste_back(healthy, fsu, landmark, float(provenance["sigma_mm"]),
                                threshold=float(provenance.get("paste_threshold", pipeline.PASTE_THRESHOLD)),
                                edge_taper_mm=float(provenance.get("edge_taper_mm", pipeline.EDGE_TAPER_MM)),
-                               reference_fsu=reference_fsu if mode == "change" else None)
+                               reference_fsu=reference_fsu if mode == "change" else None,
+                               interpolation=provenance.get("paste_interpolation", "linear"),
+                               weight_saturation=float(provenance.get("paste_weight_saturation", 1.0)))
 
 
 # --------------------------------------------------------------------------- views for figures
