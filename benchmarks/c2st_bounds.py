@@ -30,7 +30,6 @@ Writes ``docs/results/c2st_bounds.json`` (``--out``) and prints a markdown table
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -133,30 +132,20 @@ def run(seeds, conditions, registry=None, log=print) -> dict:
 
 
 def table(res: dict) -> str:
-    conds = list(res["conditions"])
-    lines = ["| Variant | " + " | ".join(f"{c} (sigma {res['conditions'][c]['sigma_mm']:g} mm)" for c in conds) + " |",
-             "|---|" + "---|" * len(conds)]
-    variants = [k for k in VARIANTS if all(k in s["variants"] for s in res["conditions"].values())]
-    for k in variants:
-        cells = []
-        for c in conds:
-            v = res["conditions"][c]["variants"][k]
-            a = v["c2st"]
-            cells.append(f"{a['auc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] / {v['amp']:.2f} / {100 * v['present']:.0f} %")
-        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from diagnostic_io import variant_table
+
+    def cell(v):
+        a = v["c2st"]
+        return f"{a['auc']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] / {v['amp']:.2f} / {100 * v['present']:.0f} %"
+
+    return variant_table(res, VARIANTS, cell, lambda c, s: f"{c} (sigma {s['sigma_mm']:g} mm)")
 
 
 def main(argv=None) -> int:
-    from diagnostic_io import finish
+    from diagnostic_io import finish, parser
     from model_training.benchmark.seeds import parse_seeds
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="1000-1019", help="held-out benchmark seeds (default %(default)s)")
-    ap.add_argument("--conditions", default=",".join(CONDITIONS))
-    ap.add_argument("--registry", help="Models.json (default: the bundled one)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "c2st_bounds.json"))
-    args = ap.parse_args(argv)
+    args = parser(__doc__, CONDITIONS, REPO / "docs" / "results" / "c2st_bounds.json").parse_args(argv)
     res = run(parse_seeds(args.seeds), [c for c in args.conditions.split(",") if c], args.registry)
     return finish(res, "c2st_bounds.py", argv, args.out, table)
 

@@ -17,7 +17,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -102,16 +101,12 @@ TEXT = (
 
 
 def main(argv=None) -> int:
-    from diagnostic_io import finish
+    from diagnostic_io import finish, parser
     from model_training.benchmark.seeds import parse_seeds
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="1000-1009", help="held-out benchmark seeds (default %(default)s)")
-    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap = parser(__doc__, CONDITIONS, REPO / "docs" / "results" / "landmark_placement.json", seeds="1000-1009")
     ap.add_argument("--methods", default="weighted,masked")
     ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--registry", help="Models.json (default: the bundled one)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "landmark_placement.json"))
     args = ap.parse_args(argv)
     res = run(parse_seeds(args.seeds), [c for c in args.conditions.split(",") if c],
               [m for m in args.methods.split(",") if m], args.samples, args.registry)

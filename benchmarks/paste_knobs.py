@@ -23,7 +23,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -120,28 +119,19 @@ def run(seeds, conditions, samples: int = 2, registry=None, log=print) -> dict:
 
 
 def table(res: dict) -> str:
-    conds = list(res["conditions"])
-    lines = ["| Variant | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
-    for k in VARIANTS:
-        cells = []
-        for c in conds:
-            v = res["conditions"][c]["variants"][k]
-            cells.append(f"{v['cos']:.3f} ({v['cos_min_case']:.2f}) / {v['r2']:.2f} / {v['amp']:.2f} / "
-                         f"{v['sharp']:.2f} / {100 * v['present']:.0f} % / {v['c2st']['auc']:.2f}")
-        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from diagnostic_io import variant_table
+
+    return variant_table(res, VARIANTS, lambda v: (
+        f"{v['cos']:.3f} ({v['cos_min_case']:.2f}) / {v['r2']:.2f} / {v['amp']:.2f} / {v['sharp']:.2f} / "
+        f"{100 * v['present']:.0f} % / {v['c2st']['auc']:.2f}"))
 
 
 def main(argv=None) -> int:
-    from diagnostic_io import finish
+    from diagnostic_io import finish, parser
     from model_training.benchmark.seeds import parse_seeds
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="1000-1019", help="held-out benchmark seeds (default %(default)s)")
-    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap = parser(__doc__, CONDITIONS, REPO / "docs" / "results" / "paste_knobs.json")
     ap.add_argument("--samples", type=int, default=2, help="samples per case (default %(default)s)")
-    ap.add_argument("--registry", help="Models.json (default: the bundled one)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "paste_knobs.json"))
     args = ap.parse_args(argv)
     res = run(parse_seeds(args.seeds), [c for c in args.conditions.split(",") if c], args.samples, args.registry)
     return finish(res, "paste_knobs.py", argv, args.out, table)
