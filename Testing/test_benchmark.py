@@ -305,9 +305,8 @@ def test_c2st_bounds_variants_paste_the_truth(setup):
     taper = sitk.GetArrayFromImage(out["taper"])
     assert np.abs(taper[w >= 0.5].astype(float) - P[w >= 0.5]).max() > 10  # W < 1 there: a fraction of the change
     nb = M.Neighbourhood(case.healthy.image, case.landmark, M.COS_RADIUS_MM)
-    ball, h = nb.ball(M.COS_RADIUS_MM), nb.array(case.healthy.image)
-    d = (nb.array(case.truth.image) - h)[ball].astype(float)
-    amp = {k: float((nb.array(out[k]) - h)[ball].astype(float) @ d / (d @ d)) for k in ("paper", "paper_cubic_sat")}
+    ball, h, p = nb.ball(M.COS_RADIUS_MM), nb.array(case.healthy.image), nb.array(case.truth.image)
+    amp = {k: M.change_amplitude(nb.array(out[k]), h, p, ball) for k in ("paper", "paper_cubic_sat")}
     assert amp["paper_cubic_sat"] > amp["paper"] + 0.1, amp
 
 

@@ -62,6 +62,12 @@ def test_cos_and_r2_oracles():
     cos, r2 = M.cos_r2(h, h, p)  # no change at all
     assert np.isnan(cos) and r2 == pytest.approx(0.0)
     assert M.cos_r2(h + 0.5 * (p - h), h, p) == pytest.approx((1.0, 0.75))
+    assert M.change_amplitude(h + 0.5 * (p - h), h, p) == pytest.approx(0.5)
+    assert M.change_amplitude(2 * h - p, h, p) == pytest.approx(-1.0)
+    other = rng.normal(size=h.shape)  # a change orthogonal to the true one adds no amplitude
+    other -= (other.ravel() @ (p - h).ravel()) / ((p - h).ravel() @ (p - h).ravel()) * (p - h)
+    assert M.change_amplitude(p + other, h, p) == pytest.approx(1.0)
+    assert np.isnan(M.change_amplitude(p, h, h))
     mask = np.zeros(h.shape, bool)
     mask[:3] = True
     g = p.copy()

@@ -100,16 +100,14 @@ def run(seeds, conditions, registry=None, log=print) -> dict:
             imgs, sig = case_variants(case, registry=registry)
             H, P, lm = case.healthy.image, case.truth.image, case.landmark
             nb = M.Neighbourhood(H, lm, M.COS_RADIUS_MM)
-            ball = nb.ball(M.COS_RADIUS_MM)
-            h = nb.array(H)
-            d = (nb.array(P) - h)[ball].astype(np.float64)
+            ball, h, p = nb.ball(M.COS_RADIUS_MM), nb.array(H), nb.array(P)
             norm = crop_normalization(H, case.disc_center)
             crops["P"].append(crop(P, lm, norm))
             row = {"seed": s, "level": case.level}
             for k, img in imgs.items():
-                g = (nb.array(img) - h)[ball].astype(np.float64)
-                row[f"amp_{k}"] = float(g @ d / (d @ d))
-                row[f"cos_{k}"] = float(g @ d / (np.linalg.norm(g) * np.linalg.norm(d) + 1e-12))
+                g = nb.array(img)
+                row[f"amp_{k}"] = M.change_amplitude(g, h, p, ball)
+                row[f"cos_{k}"] = M.cos_r2(g, h, p, ball)[0]
                 crops[k].append(crop(img, lm, norm))
             rows.append(row)
         groups = list(range(len(rows)))

@@ -62,7 +62,7 @@ def run(seeds, conditions, methods, samples: int = 2, registry=None, log=print) 
             for name, point in placements(case).items():
                 for method in methods:
                     r = pipeline.inpaint(H, point, case.level, cond, method=method, samples=samples,
-                                         seed=(s * 1000) % (2 ** 62), disc_center_lps=case.disc_center,
+                                         seed=CS.sample_seed(s), disc_center_lps=case.disc_center,
                                          device="cpu", registry=registry)
                     cos = [M.cos_r2(nb.array(G), h, p, ball)[0] for G in r.outputs]
                     pres = reader.present_prob(np.stack([crop(G, lm, norm) for G in r.outputs]), cond) > 0.5

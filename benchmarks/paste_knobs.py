@@ -18,7 +18,7 @@ truth through the FSU grid), the present reader's rate and the C2ST AUC. Prints 
 
 Usage::
 
-    .venv/bin/python benchmarks/paste_knobs.py                   # 20 seeds x 4 conditions x 2 samples, ~12 min
+    .venv/bin/python benchmarks/paste_knobs.py                   # 20 seeds x 4 conditions x 2 samples, ~3 min
     .venv/bin/python benchmarks/paste_knobs.py --seeds 1000-1003 --conditions dh_small
 """
 from __future__ import annotations
@@ -53,12 +53,13 @@ def case_outputs(case, samples: int = 2, registry=None):
     model's samples (change paste-back) pasted with each variant; ``linear`` is checked to be the pipeline's output."""
     import SimpleITK as sitk
 
+    from model_training.benchmark import cases as CS
     from model_training.benchmark.run import compose
     from spine_ldm import pipeline
 
     H, lm = case.healthy.image, case.landmark
     out = pipeline.inpaint(H, lm, case.level, case.condition, method="weighted", samples=samples,
-                           seed=(case.seed * 1000) % (2 ** 62), steps=50, device="cpu",
+                           seed=CS.sample_seed(case.seed), steps=50, device="cpu",
                            disc_center_lps=case.disc_center, paste_mode="change", registry=registry)
     prov = out.provenance
     res = {k: [compose(H, fsu, lm, {**prov, **knobs}, out.fsu_reconstruction) for fsu in out.fsu_outputs]
@@ -87,15 +88,13 @@ def run(seeds, conditions, samples: int = 2, registry=None, log=print) -> dict:
             h, p = nb.array(H), nb.array(P)
             m_cos, m_sharp = nb.ball(M.COS_RADIUS_MM), nb.ball(M.SHARP_RADIUS_MM)
             grad_pf = M.mean_gradient(M.through_grid(P, out.fsu_input, nb), nb.spacing, m_sharp)
-            d = (p - h)[m_cos].astype(np.float64)
             norm = crop_normalization(H, case.disc_center)
             real.append(crop(P, lm, norm))
             for k, images in pasted.items():
                 for G in images:
                     g = nb.array(G)
                     cos, r2 = M.cos_r2(g, h, p, m_cos)
-                    gd = (g - h)[m_cos].astype(np.float64)
-                    rows[k].append({"seed": s, "cos": cos, "r2": r2, "amp": float(gd @ d / (d @ d)),
+                    rows[k].append({"seed": s, "cos": cos, "r2": r2, "amp": M.change_amplitude(g, h, p, m_cos),
                                     "sharp": M.mean_gradient(g, nb.spacing, m_sharp) / grad_pf})
                     crops[k].append(crop(G, lm, norm))
             groups += [s] * len(out.fsu_outputs)

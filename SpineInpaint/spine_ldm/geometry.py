@@ -366,9 +366,9 @@ def paste_back(original: sitk.Image, inpainted_fsu: sitk.Image, landmark_lps, si
     25 mm from a central landmark). Voxels with a tapered weight below ``threshold`` stay untouched.
 
     Two knobs for resolution studies (``benchmarks/c2st_bounds.py``, ``benchmarks/paste_knobs.py``; the pipeline
-    keeps the defaults, which ``paste_knobs.py`` measured best on the bundled models' outputs): ``interpolation="bspline"`` resamples the FSU(s)
-    onto the scan with a cubic B-spline instead of linearly, and ``weight_saturation = s < 1`` pastes with
-    ``min(1, W / s)`` (the full change wherever ``W >= s``, the same support ``W >= threshold * s``) instead of W.
+    keeps the defaults, which ``paste_knobs.py`` measured best on the bundled models' outputs):
+    ``interpolation="bspline"`` resamples the FSU(s) onto the scan with a cubic B-spline instead of linearly, and
+    ``weight_saturation = s < 1`` pastes with ``min(1, W / s)`` (the full change wherever ``W >= s``, the same support ``W >= threshold * s``) instead of W.
     """
     _require_3d(original, "original volume")
     _require_3d(inpainted_fsu, "inpainted FSU")

@@ -79,6 +79,12 @@ class Case:
         return tuple(float(v) for v in self.truth.disc(self.level)["posterior_margin_LPS_mm"])
 
 
+def sample_seed(case_seed: int) -> int:
+    """The pipeline seed a benchmark script samples a case with: the same in every script, so their outputs of one
+    case pair up."""
+    return (int(case_seed) * 1000) % (2 ** 62)
+
+
 def make_case(seed: int, level: str, condition: str, healthy: Twin | None = None, spacing=PHANTOM_SPACING) -> Case:
     """H (reused when given) and P with ``condition`` at ``level``."""
     level, condition = parse_level(level), parse_condition(condition)

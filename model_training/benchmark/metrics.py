@@ -107,6 +107,16 @@ def cos_r2(g: np.ndarray, h: np.ndarray, p: np.ndarray, mask: np.ndarray | None 
     return cos, r2
 
 
+def change_amplitude(g: np.ndarray, h: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """``g - h`` projected on the true change ``p - h`` over ``mask``, in units of it (1 = the full contrast,
+    0.5 = half of it, whatever else ``g`` changed); NaN when the true change is zero."""
+    d = np.asarray(g, np.float64) - np.asarray(h, np.float64)
+    t = np.asarray(p, np.float64) - np.asarray(h, np.float64)
+    d, t = (d.ravel(), t.ravel()) if mask is None else (d[mask], t[mask])
+    tt = float(t @ t)
+    return float(d @ t) / tt if tt > 0 else float("nan")
+
+
 def mean_gradient(a: np.ndarray, spacing_np, mask: np.ndarray | None = None) -> float:
     """Mean gradient magnitude (intensity per mm; ``np.gradient`` with the numpy-order spacing) over ``mask``."""
     grads = np.gradient(np.asarray(a, dtype=np.float64), *[float(s) for s in spacing_np])

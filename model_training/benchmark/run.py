@@ -315,7 +315,7 @@ def run_case(ctx: Context, case: CS.Case, sigma) -> dict:
             kw["guidance_scale"] = s["guidance_scale"]
         tc = time.process_time()
         res = pipeline.inpaint(H, lm, case.level, case.condition, method=method, samples=s["samples"],
-                               seed=(case.seed * 1000) % (2 ** 62), steps=s["steps"], device=s["device"],
+                               seed=CS.sample_seed(case.seed), steps=s["steps"], device=s["device"],
                                model=s["models"].get(method), disc_center_lps=disc, registry=s["registry"], **kw)
         cpu = time.process_time() - tc
         prov = res.provenance
